@@ -1,0 +1,1150 @@
+"""
+TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
+
+    python newgpt.py                                   # OASST2 from the Hugging Face hub
+    python newgpt.py --data a.jsonl.gz b.parquet --val_data v.jsonl.gz --max_minutes 20
+    torchrun --nproc_per_node=2 newgpt.py --data ...   # data-parallel (gloo on CPU, nccl on CUDA)
+
+The file reads top to bottom as the pipeline runs:
+  configs -> model (attention, MLP, block, GPT) -> data (formats -> conversations -> train_texts.json)
+  -> tokenizer (byte-level BPE + chat special tokens) -> batches (packed rows, cached on disk)
+  -> training loop (eval -> checkpoint -> micro-batches -> clip -> step -> log) -> main()
+
+Design choices: pre-norm blocks, causal attention through F.scaled_dot_product_attention, RoPE or learned
+positions, no biases by default, tied input/output embeddings, loss on assistant tokens only by default,
+AdamW (decay on matrices only) with linear warmup and cosine decay, bf16 autocast where the hardware has
+it, atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat format
+from here, so training and chatting can never disagree.
+"""
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import unicodedata
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size, chat special tokens included"})
+    block_size: int = field(default=512, metadata={"help": "context length in tokens"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=384, metadata={"help": "embedding width; must be divisible by n_head"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 is best for a single epoch)"})
+    pos_encoding: str = field(default="rope", metadata={"help": "positional encoding", "choices": ["rope", "learned"]})
+    bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
+
+
+@dataclass
+class TrainConfig:
+    data: list = field(default_factory=lambda: [HF_DATASET], metadata={
+        "help": "training sources: a Hugging Face dataset id or local .jsonl/.jsonl.gz/.json/.parquet files"})
+    val_data: list = field(default_factory=list, metadata={
+        "help": "held-out sources; without it about 2%% of the message trees are held out"})
+    texts: str = field(default="train_texts.json", metadata={
+        "help": "prepared conversations, written from --data and reused while the sources match"})
+    langs: str = field(default="en", metadata={"help": "comma-separated language codes to keep, or 'all'"})
+    branches: str = field(default="best", metadata={
+        "help": "which paths to take through each OASST tree", "choices": ["best", "all"]})
+    max_samples: int = field(default=0, metadata={"help": "read only the first N training records (0: all)"})
+    out_dir: str = field(default="ckpt", metadata={"help": "directory for checkpoints, tokenizer and logs"})
+    resume: str = field(default="", metadata={"help": "continue from 'latest' (bare --resume) or a checkpoint path"})
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=2000, metadata={"help": "optimizer steps in total"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes (0: no limit)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, applied to matrices only"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    loss_on: str = field(default="assistant", metadata={
+        "help": "which tokens are targets", "choices": ["assistant", "all"]})
+    eval_interval: int = field(default=200, metadata={"help": "evaluate every N steps"})
+    eval_tokens: int = field(default=131072, metadata={"help": "validation tokens per evaluation (at most)"})
+    save_interval: int = field(default=500, metadata={"help": "save a checkpoint every N steps"})
+    keep_last: int = field(default=3, metadata={"help": "keep this many newest checkpoints"})
+    log_interval: int = field(default=10, metadata={"help": "write a training-loss line every N steps"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={
+        "help": "autocast precision", "choices": ["auto", "float32", "bfloat16", "float16"]})
+    seed: int = field(default=1337, metadata={"help": "seed for the data order and the model init"})
+
+
+HF_DATASET = "OpenAssistant/oasst2"
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def rope_tables(block_size, head_size, base=10000.0):
+    """cos/sin tables for rotary position embeddings (Su et al. 2021), each (block_size, head_size/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # Rotate the two halves of each head as pairs: the "rotate_half" layout of GPT-NeoX and Llama,
+    # so the weights export to those Hugging Face classes unchanged.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_encoding == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            # Not persistent: derived from the config, so checkpoints stay small and exact.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): one matrix both embeds tokens and scores the next token.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer) so the
+        residual stream's variance does not grow with depth; zero biases, unit LayerNorm gains."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self):
+        """Parameters counted once (the tied embedding is shared with lm_head)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            # Mean over the real targets; a micro-batch whose targets are all masked gives 0, not NaN.
+            loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return logits, loss
+
+
+def check_model_config(config):
+    if config.n_embd % config.n_head != 0:
+        raise UserError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if config.pos_encoding == "rope" and (config.n_embd // config.n_head) % 2 != 0:
+        raise UserError(f"rope needs an even head size, got n_embd/n_head = {config.n_embd // config.n_head}")
+    if config.block_size < 16:
+        raise UserError(f"block_size {config.block_size} is too small: a chat turn needs at least 16 tokens")
+    if config.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab_size {config.vocab_size} is too small: byte-level BPE needs at least "
+                        f"{256 + len(SPECIAL_TOKENS)} (256 bytes plus special tokens)")
+    if min(config.n_layer, config.n_head, config.n_embd) < 1 or not 0.0 <= config.dropout < 1.0:
+        raise UserError("n_layer, n_head and n_embd must be positive and dropout in [0, 1)")
+
+
+# -----------------------------------------------------------------------------
+# Data: every source format becomes one conversation type,
+#   {"turns": [{"role": "system"|"user"|"assistant"|"text", "content": str}, ...], "group": str}
+# "text" marks a plain document (no roles are invented for it); "group" keeps a message tree on one
+# side of the train/val split.
+
+
+def read_records(path):
+    """Rows of a local .jsonl, .jsonl.gz, .json or .parquet file, as dicts."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pylist()
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith((".json", ".json.gz")):
+                rows = json.load(f)
+                return rows if isinstance(rows, list) else [rows]
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    except Exception as e:  # pyarrow raises its own error types
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def read_source(spec, split="train"):
+    """Records of a local file, or of a split of a Hugging Face dataset id such as OpenAssistant/oasst2."""
+    path = Path(spec)
+    if path.is_file():
+        return read_records(path)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"data path not found or not a file: {spec}")
+    try:
+        import datasets
+        return datasets.load_dataset(spec, split=split).to_list()
+    except Exception as e:
+        raise UserError(f"could not load the dataset {spec} from the Hugging Face hub ({type(e).__name__}); "
+                        f"without network access pass local files with --data PATH")
+
+
+def normalize_text(text):
+    """NFC unicode, Unix newlines, no trailing spaces, at most one blank line; code indentation is kept."""
+    text = unicodedata.normalize("NFC", text or "").replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def make_conversation(turns, group):
+    turns = [{"role": role, "content": normalize_text(content)} for role, content in turns]
+    return {"turns": [t for t in turns if t["content"]], "group": group}
+
+
+def flatten_oasst_tree(tree):
+    """OASST nested tree ({"prompt": {..., "replies": [...]}}) -> message-table rows with parent_id."""
+    stack = [(tree["prompt"], None)]
+    while stack:
+        message, parent_id = stack.pop()
+        row = {k: v for k, v in message.items() if k != "replies"}
+        row.update(parent_id=parent_id, message_tree_id=tree["message_tree_id"])
+        yield row
+        stack.extend((reply, message["message_id"]) for reply in reversed(message.get("replies") or []))
+
+
+def oasst_conversations(messages, langs, branches):
+    """Threads from an OASST message table: paths from each root prompt down its reply tree.
+
+    A message is kept only if it is not deleted, passed review, has text and is in `langs`; dropping a
+    message drops its whole subtree, whose turns would answer a question nobody asked. branches="best"
+    follows the best-ranked reply at every turn (rank 0 is the volunteers' favourite), which gives the
+    cleanest answers and repeats no prefix; "all" takes every root-to-leaf path, several times the
+    conversations but with shared prefixes repeated."""
+    def keep(m):
+        return (not m.get("deleted") and m.get("review_result") is not False and normalize_text(m.get("text"))
+                and (langs is None or m.get("lang") in langs))
+
+    kept = {m["message_id"]: m for m in messages if keep(m)}
+    children = defaultdict(list)
+    for m in kept.values():
+        children[m.get("parent_id")].append(m)
+    for replies in children.values():
+        replies.sort(key=lambda m: (m.get("rank") is None, m.get("rank") or 0))
+
+    def paths(message):
+        replies = children.get(message["message_id"], [])
+        if not replies:
+            yield [message]
+            return
+        for reply in replies[:1] if branches == "best" else replies:
+            for rest in paths(reply):
+                yield [message] + rest
+
+    for root in children.get(None, []):
+        if root["role"] != "prompter":
+            continue
+        for path in paths(root):
+            if path[-1]["role"] == "prompter":
+                path = path[:-1]  # an unanswered question teaches nothing
+            if len(path) >= 2:
+                roles = ["user" if m["role"] == "prompter" else "assistant" for m in path]
+                yield make_conversation(zip(roles, (m["text"] for m in path)), root.get("message_tree_id", root["message_id"]))
+
+
+LLAMA2_SYSTEM = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
+
+
+def parse_llama2_chat(text):
+    """'<s>[INST] user [/INST] assistant </s><s>[INST] ...' -> (role, content) turns."""
+    turns = []
+    for chunk in text.split("[INST]")[1:]:
+        user, _, answer = chunk.partition("[/INST]")
+        system = LLAMA2_SYSTEM.search(user)
+        if system:
+            turns.append(("system", system.group(1)))
+            user = LLAMA2_SYSTEM.sub("", user)
+        turns += [("user", user), ("assistant", answer.replace("</s>", "").replace("<s>", ""))]
+    return turns
+
+
+def parse_human_assistant(text):
+    """'### Human: ... ### Assistant: ...' -> (role, content) turns."""
+    parts = re.split(r"###\s*(Human|Assistant):", text)
+    return [("user" if marker == "Human" else "assistant", content) for marker, content in zip(parts[1::2], parts[2::2])]
+
+
+def text_record_conversation(record, group):
+    text = record["text"] or ""
+    if "[INST]" in text and "[/INST]" in text:
+        return make_conversation(parse_llama2_chat(text), group)
+    if re.search(r"###\s*Human:", text) and re.search(r"###\s*Assistant:", text):
+        return make_conversation(parse_human_assistant(text), group)
+    return make_conversation([("text", text)], group)
+
+
+def detect_format(record, source):
+    keys = set(record) if isinstance(record, dict) else set()
+    if {"message_id", "parent_id", "role", "text"} <= keys:
+        return "oasst_messages"
+    if {"message_tree_id", "prompt"} <= keys:
+        return "oasst_trees"
+    if {"instruction", "response"} <= keys:
+        return "instruction"
+    if "text" in keys:
+        return "text"
+    raise UserError(f"{source}: unrecognised record shape with keys {sorted(keys)[:8]}; expected an OASST "
+                    f"message table or trees, {{'text'}} documents or {{'instruction', 'response'}} pairs")
+
+
+def records_to_conversations(records, source, langs, branches):
+    """Dispatch one source's records, by their shape, to the adapter for that format."""
+    if not records:
+        return []
+    fmt = detect_format(records[0], source)
+    if fmt == "oasst_trees":
+        records = [row for tree in records for row in flatten_oasst_tree(tree)]
+        fmt = "oasst_messages"
+    if fmt == "oasst_messages":
+        return list(oasst_conversations(records, langs, branches))
+    conversations = []
+    for i, r in enumerate(records):
+        group = f"{source}:{i}"
+        if fmt == "instruction":
+            prompt = r["instruction"] + ("\n\n" + r["context"] if (r.get("context") or "").strip() else "")
+            conversations.append(make_conversation([("user", prompt), ("assistant", r["response"])], group))
+        else:
+            conversations.append(text_record_conversation(r, group))
+    return conversations
+
+
+def is_usable(conversation):
+    """A document with text, or a chat with at least one user turn and one assistant turn."""
+    roles = {t["role"] for t in conversation["turns"]}
+    return roles == {"text"} or {"user", "assistant"} <= roles
+
+
+def conversations_from_sources(specs, split, langs, branches, max_samples=0):
+    """All sources' conversations, deduplicated. max_samples caps the records read over all sources,
+    as the original project took the first 20k rows of OASST2."""
+    conversations, budget = [], max_samples or math.inf
+    for spec in specs:
+        records = read_source(spec, split)
+        records = records[:budget] if budget < len(records) else records
+        budget -= len(records)
+        conversations += [c for c in records_to_conversations(records, spec, langs, branches) if is_usable(c)]
+        if budget <= 0:
+            break
+    return deduplicate(conversations)
+
+
+def deduplicate(conversations):
+    seen, unique = set(), []
+    for c in conversations:
+        key = json.dumps(c["turns"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
+def group_hash(group):
+    return int(hashlib.sha256(group.encode()).hexdigest()[:12], 16)
+
+
+def split_by_group(conversations, val_permille=20):
+    """Deterministic ~2% validation split by message tree, so no conversation leaks across it."""
+    train = [c for c in conversations if group_hash(c["group"]) % 1000 >= val_permille]
+    val = [c for c in conversations if group_hash(c["group"]) % 1000 < val_permille]
+    if not val and len({c["group"] for c in conversations}) > 1:  # tiny data: hold out one whole group
+        held = min((c["group"] for c in conversations), key=group_hash)
+        train = [c for c in conversations if c["group"] != held]
+        val = [c for c in conversations if c["group"] == held]
+    return train, val
+
+
+def decontaminate(train, val):
+    """Drop training conversations that contain any message of the validation set verbatim."""
+    val_contents = {t["content"] for c in val for t in c["turns"]}
+    return [c for c in train if not any(t["content"] in val_contents for t in c["turns"])]
+
+
+def parse_langs(langs):
+    if langs.strip() == "all":
+        return None
+    codes = [code.strip() for code in langs.split(",") if code.strip()]
+    for code in codes:
+        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z]{2,4})?", code):
+            raise UserError(f"unknown language {code!r} in --langs: use codes such as en, de, pt-BR, or 'all'")
+    if not codes:
+        raise UserError("--langs is empty: use codes such as en,de or 'all'")
+    return set(codes)
+
+
+def content_hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def atomic_write_text(path, text):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_texts(cfg):
+    """Read every source, build conversations, split train/val and record where they came from."""
+    langs = parse_langs(cfg.langs)
+    started = time.time()
+    train = conversations_from_sources(cfg.data, "train", langs, cfg.branches, cfg.max_samples)
+    if cfg.val_data:
+        val = conversations_from_sources(cfg.val_data, "validation", langs, cfg.branches)
+    elif cfg.data == [HF_DATASET]:
+        val = conversations_from_sources(cfg.data, "validation", langs, cfg.branches)
+    else:
+        train, val = split_by_group(train)
+    before = len(train)
+    train = decontaminate(train, val)
+    if not train:
+        raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
+                        f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
+    if not val:
+        raise UserError("no validation conversations: give --val_data or more data")
+    build = {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
+             "max_samples": cfg.max_samples}
+    return {"format": "tinygpt-texts-v1", "build": build, "sha256": content_hash([train, val]),
+            "stats": {"seconds": round(time.time() - started, 1), "dropped_as_in_val": before - len(train)},
+            "train": train, "val": val}
+
+
+def load_or_build_texts(cfg):
+    """train_texts.json is reused when it was built from the same sources and options, or when it has no
+    build record at all (a user's own file in the same format); otherwise it is rebuilt."""
+    path = Path(cfg.texts)
+    build = {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
+             "max_samples": cfg.max_samples}
+    if path.is_file():
+        texts = read_texts_file(path)
+        if texts.get("build", build) == build:
+            return texts, "reused"
+    texts = build_texts(cfg)
+    atomic_write_text(path, json.dumps(texts, ensure_ascii=False))
+    return texts, "built"
+
+
+def read_texts_file(path):
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(texts, dict) and isinstance(texts["train"], list) and texts["train"]
+        assert all(isinstance(c["turns"], list) for c in texts["train"] + texts.get("val", []))
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"{path} is not a TinyGPT texts file: expected {{'train': [{{'turns': [...]}}], "
+                        f"'val': [...]}}; delete it to rebuild it from --data")
+    for c in texts["train"] + texts.get("val", []):
+        c.setdefault("group", content_hash(c["turns"]))
+    if not texts.get("val"):
+        texts["train"], texts["val"] = split_by_group(texts["train"])
+    texts.setdefault("sha256", content_hash([texts["train"], texts["val"]]))
+    return texts
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: byte-level BPE (any UTF-8 text round-trips) plus chat special tokens.
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+
+
+def train_tokenizer(texts, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(path))
+    # Text that happens to contain "<|user|>" is encoded as plain characters: only render_conversations
+    # places special tokens, so a user can never forge a turn boundary.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def render_conversations(tokenizer, conversations):
+    """Conversations -> (ids, mask) pairs; mask[i] = 1 where token i is a training target.
+
+    Layout: <|bos|> then per turn <|role|> content <|end|>; a plain document is <|bos|> text <|end|>.
+    Targets are the assistant replies with their <|end|> (so the model learns to stop) and documents.
+    All contents are encoded in one batch call; chat renders its history with this same function."""
+    special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    contents = [t["content"] for c in conversations for t in c["turns"]]
+    encoded = iter(tokenizer.encode_batch(contents, add_special_tokens=False))
+    rendered = []
+    for c in conversations:
+        ids, mask = [special["<|bos|>"]], [0]
+        for turn in c["turns"]:
+            content = next(encoded).ids
+            is_target = int(turn["role"] in ("assistant", "text"))
+            if turn["role"] != "text":
+                ids.append(special[ROLE_TOKENS[turn["role"]]])
+                mask.append(0)
+            ids += content + [special["<|end|>"]]
+            mask += [is_target] * (len(content) + 1)
+        rendered.append((ids, mask))
+    return rendered
+
+
+def token_byte_lengths(tokenizer):
+    """UTF-8 bytes behind each token id (0 for special tokens), for tokenizer-independent bits per byte.
+    Byte-level BPE maps each byte to one printable character, so a token's length in characters is its
+    length in bytes."""
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if token not in SPECIAL_TOKENS:
+            lengths[i] = len(token)
+    return lengths
+
+
+# -----------------------------------------------------------------------------
+# Batches: each split is one token stream, cut into rows of block_size + 1, cached on disk.
+
+
+def tokenize_to_arrays(tokenizer, conversations):
+    ids, mask = [], []
+    for conv_ids, conv_mask in render_conversations(tokenizer, conversations):
+        ids += conv_ids
+        mask += conv_mask
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
+    return np.array(ids, dtype=dtype), np.array(mask, dtype=np.uint8)
+
+
+def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, split, cache_dir):
+    """Token ids and target mask for one split; a second run loads them from a .npz keyed by content."""
+    path = Path(cache_dir) / f"tokens-{split}-{texts_sha[:12]}-{tokenizer_sha[:12]}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            return cached["ids"], cached["mask"]
+    ids, mask = tokenize_to_arrays(tokenizer, conversations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, ids=ids, mask=mask)
+    os.replace(tmp, path)
+    return ids, mask
+
+
+class PackedRows:
+    """A token stream cut into non-overlapping rows of block_size + 1 tokens (inputs plus shifted
+    targets). Conversations are packed back to back, so no compute is spent on padding; attention may
+    look across a <|bos|> into the previous conversation, which the model learns to ignore."""
+
+    def __init__(self, ids, mask, block_size, loss_on="assistant"):
+        self.block_size = block_size
+        self.n_rows = (len(ids) - 1) // block_size
+        self.ids, self.mask, self.loss_on = ids, mask, loss_on
+
+    def get(self, rows):
+        T = self.block_size
+        starts = np.asarray(rows)[:, None] * T + np.arange(T + 1)  # (B, T+1)
+        chunk = torch.from_numpy(self.ids[starts].astype(np.int64))
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        if self.loss_on == "assistant":
+            y[torch.from_numpy(self.mask[starts[:, 1:]] == 0)] = IGNORE_INDEX
+        return x, y
+
+
+def row_order(n_rows, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def training_rows(step, micro, cfg, rank, world_size, n_rows):
+    """Rows of one micro-batch, a pure function of (step, micro, rank): resuming at a step replays
+    exactly the batches an uninterrupted run would have seen. Each epoch is a fresh seeded shuffle."""
+    first = ((step * cfg.grad_accum + micro) * world_size + rank) * cfg.batch_size
+    rows = []
+    for i in range(first, first + cfg.batch_size):
+        epoch, position = divmod(i, n_rows)
+        rows.append(row_order(n_rows, cfg.seed, epoch)[position])
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Device, precision and the optimizer
+
+
+def pick_device(requested):
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available on this machine")
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+            raise UserError(f"--device {requested}: use auto, cpu, cuda, cuda:N or mps")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX run bf16 matmuls natively (about 6x fp32 peak on the AMX machines here)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pick_dtype(requested, device):
+    device_type = device.split(":")[0]
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if device_type == "cpu" and cpu_has_fast_bf16() else "float32"
+    if requested == "float16" and device_type != "cuda":
+        raise UserError("--dtype float16 needs CUDA; use bfloat16 or float32")
+    return requested
+
+
+def autocast_context(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW; weight decay only on matrices (embeddings and linear weights), never on gains or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.split(":")[0] in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def get_lr(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
+    """Validation loss (nats per target token) and bits per byte over the same targets. Bits per byte
+    divides the summed loss by the UTF-8 bytes those tokens stand for, so vocabularies compare fairly."""
+    model.eval()
+    n_rows = min(val_rows.n_rows, max(1, cfg.eval_tokens // val_rows.block_size))
+    batch = cfg.batch_size * cfg.grad_accum
+    loss_sum, n_targets, bits_sum, n_bytes = 0.0, 0, 0.0, 0
+    for first in range(0, n_rows, batch):
+        x, y = val_rows.get(range(first, min(first + batch, n_rows)))
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+        valid = y.view(-1) != IGNORE_INDEX
+        token_bytes = byte_lengths[y.view(-1).clamp(min=0)] * valid
+        loss_sum += losses[valid].sum().item()
+        n_targets += valid.sum().item()
+        bits_sum += (losses * (token_bytes > 0)).sum().item() / math.log(2)
+        n_bytes += token_bytes.sum().item()
+    model.train()
+    return loss_sum / max(1, n_targets), bits_sum / max(1, n_bytes)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_paths(out_dir):
+    return sorted(Path(out_dir).glob("gpt_step*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint named by out_dir/latest, or else the highest-numbered gpt_step*.pt."""
+    pointer = Path(out_dir) / "latest"
+    if pointer.is_file():
+        named = Path(out_dir) / pointer.read_text().strip()
+        if named.is_file():
+            return named
+    found = checkpoint_paths(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(state, out_dir, keep_last):
+    """Write to a temp file, then os.replace: a kill mid-save never damages the previous checkpoint."""
+    path = Path(out_dir) / f"gpt_step{state['step']:04d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    atomic_write_text(Path(out_dir) / "latest", path.name + "\n")
+    for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir.
+    Loads with weights_only=True (no pickled code runs) and checks that the tokenizer next to it is the
+    one it was trained with."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
+        path = found
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model_config = GPTConfig(**ckpt["model_config"])
+        state_dict = ckpt["model"]
+        tokenizer_info = ckpt["tokenizer"]
+    except Exception as e:
+        raise UserError(f"{path} is not a readable TinyGPT checkpoint ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]})")
+    tokenizer_path = path.parent / tokenizer_info["file"]
+    if not tokenizer_path.is_file():
+        raise UserError(f"{path}: its tokenizer {tokenizer_path} is missing")
+    if file_sha256(tokenizer_path) != tokenizer_info["sha256"]:
+        raise UserError(f"{path}: {tokenizer_path} is not the tokenizer this checkpoint was trained with")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.get_vocab_size() != model_config.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tokenizer.get_vocab_size()} tokens, model expects "
+                        f"{model_config.vocab_size}")
+    model = GPT(model_config)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0][:120]})")
+    return model.to(device), tokenizer, ckpt
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE; then one process per rank, gloo on CPU and nccl on CUDA."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def prepare_tokenizer(texts, vocab_size, out_dir):
+    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
+    another run's checkpoints keep their own tokenizer."""
+    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+    if not path.is_file():
+        contents = (t["content"] for c in texts["train"] for t in c["turns"])
+        tokenizer = train_tokenizer(contents, vocab_size)
+        tmp = path.with_name(path.name + ".tmp")
+        tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def prepare_data(cfg, model_config, rank, world_size, log, resumed_tokenizer=None):
+    """train_texts.json, the tokenizer (trained, or the resumed checkpoint's) and the token caches.
+    Rank 0 writes them while the other ranks wait, then the others read them."""
+    started = time.time()
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            texts, how = load_or_build_texts(cfg)
+            tokenizer_path = resumed_tokenizer or prepare_tokenizer(texts, model_config.vocab_size, cfg.out_dir)
+            tokenizer, tokenizer_sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
+            arrays = {split: cached_token_arrays(tokenizer, tokenizer_sha, texts[split], texts["sha256"], split,
+                                                 Path(cfg.out_dir) / "data") for split in ("train", "val")}
+        barrier(world_size)
+    chars = sum(len(t["content"]) for c in texts["train"] for t in c["turns"])
+    log(f"data: {how} {cfg.texts}: {len(texts['train'])} train / {len(texts['val'])} val conversations, "
+        f"{len(arrays['train'][0]):,} / {len(arrays['val'][0]):,} tokens, "
+        f"{chars / max(1, len(arrays['train'][0])):.2f} chars/token, {time.time() - started:.1f}s")
+    return texts, tokenizer, tokenizer_path, tokenizer_sha, arrays
+
+
+def check_out_dir(out_dir):
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(out_dir) / f".write_test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to checkpoint directory {out_dir}: {e.strerror or e}")
+
+
+def check_train_config(cfg):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "save_interval", "log_interval",
+                 "eval_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.max_minutes < 0 or cfg.keep_last < 0:
+        raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
+
+
+def resolve_resume(cfg):
+    if not cfg.resume:
+        existing = checkpoint_paths(cfg.out_dir)
+        if existing:
+            raise UserError(f"{cfg.out_dir}/ already holds checkpoints ({existing[-1].name}); pass --resume to "
+                            f"continue them or --out_dir DIR to start a new run")
+        return None
+    if cfg.resume == "latest":
+        path = latest_checkpoint(cfg.out_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {cfg.out_dir}/ to resume from")
+        return path
+    return Path(cfg.resume)
+
+
+def write_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_metrics(metrics_path, png_path):
+    """Train and val loss, and val bits per byte, against step, from the metrics log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in open(metrics_path)]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if "val_loss" in r]
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss", alpha=0.7)
+    if val:
+        steps, losses, bpbs = zip(*val)
+        ax_loss.plot(steps, losses, "o-", label="val loss")
+        ax_bpb.plot(steps, bpbs, "o-", color="C2")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg, model_config):
+    check_train_config(cfg)
+    check_model_config(model_config)
+    device = pick_device(cfg.device)
+    rank, world_size, device = setup_distributed(device)
+    master = rank == 0
+    log = print if master else (lambda *args, **kwargs: None)
+    check_out_dir(cfg.out_dir)
+    resume_path = resolve_resume(cfg)
+    ckpt, resumed_tokenizer = None, None
+    if resume_path is not None:
+        _, _, ckpt = load_checkpoint(resume_path)
+        model_config = GPTConfig(**ckpt["model_config"])  # the architecture is fixed by the checkpoint
+        resumed_tokenizer = Path(cfg.out_dir) / ckpt["tokenizer"]["file"]
+        if master and not resumed_tokenizer.is_file():
+            shutil.copyfile(resume_path.parent / ckpt["tokenizer"]["file"], resumed_tokenizer)
+    dtype = pick_dtype(cfg.dtype, device)
+
+    texts, tokenizer, tokenizer_path, tokenizer_sha, arrays = prepare_data(
+        cfg, model_config, rank, world_size, log, resumed_tokenizer)
+    if ckpt is not None and ckpt["texts_sha256"] != texts["sha256"]:
+        raise UserError(f"--resume: {resume_path} was trained on other data than {cfg.texts}; "
+                        f"use the same --data and --texts to continue it")
+    model_config.vocab_size = tokenizer.get_vocab_size()
+    train_rows = PackedRows(*arrays["train"], model_config.block_size, cfg.loss_on)
+    val_rows = PackedRows(*arrays["val"], model_config.block_size, "assistant")
+    if train_rows.n_rows < 1 or val_rows.n_rows < 1:
+        raise UserError(f"too little data for block_size {model_config.block_size}: {train_rows.n_rows} train / "
+                        f"{val_rows.n_rows} val rows")
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step = ckpt["step"]
+    raw_model = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    ctx = autocast_context(device, dtype)
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {asdict(model_config)}")
+    log(f"training on {device} ({dtype}, {world_size} process{'es' * (world_size > 1)}), "
+        f"{cfg.batch_size * cfg.grad_accum * world_size * model_config.block_size:,} tokens/step"
+        + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+
+    metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+    stop = StopRequest()
+    stop.install()
+    started, val_loss = time.time(), (ckpt or {}).get("val_loss")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * model_config.block_size
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_config": asdict(model_config), "train_config": asdict(cfg), "step": step,
+                "val_loss": val_loss, "tokenizer": {"file": tokenizer_path.name, "sha256": tokenizer_sha},
+                "texts_sha256": texts["sha256"], "rng": {"torch": torch.get_rng_state()},
+                "data_position": {"rows_consumed": step * cfg.grad_accum * world_size * cfg.batch_size,
+                                  "train_rows": train_rows.n_rows}}
+
+    from tqdm import tqdm
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    step_started, first_step = time.time(), step
+    while True:
+        last_step = step >= cfg.max_steps
+        out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
+        stopping = stop_agreed(stop.requested or out_of_time, world_size, device)
+        if step % cfg.eval_interval == 0 or last_step or stopping:
+            val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, device)
+            if master:
+                write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                             "elapsed_s": round(time.time() - started, 1)})
+                progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+        if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
+            saved = save_checkpoint(checkpoint_state(), cfg.out_dir, cfg.keep_last)
+        if last_step or stopping:
+            break
+
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = train_rows.get(training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows))
+            x, y = x.to(device), y.to(device)
+            sync = world_size == 1 or micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else model.no_sync()), ctx:
+                _, loss = model(x, y)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        tok_per_s = tokens_per_step * (step - first_step) / (time.time() - step_started)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}")
+        if master and step % cfg.log_interval == 0:
+            write_metrics(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr,
+                                         "tok_per_s": round(tok_per_s), "elapsed_s": round(time.time() - started, 1)})
+    progress.close()
+    if master:
+        plot_metrics(metrics_path, Path(cfg.out_dir) / "loss.png")
+        if step > first_step:
+            log(f"saved {saved}; loss curve in {Path(cfg.out_dir) / 'loss.png'}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    if stop.requested:
+        log("interrupted: checkpoint saved; continue with --resume")
+        return 130
+    return 0
+
+
+def stop_agreed(local_stop, world_size, device):
+    """All ranks stop at the same step, or DDP would hang waiting for the one that left."""
+    if world_size == 1:
+        return bool(local_stop)
+    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# -----------------------------------------------------------------------------
+# Command line: every GPTConfig and TrainConfig field is a flag of the same name.
+
+
+def positive_or_zero(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Train TinyGPT, a small chat GPT, on OASST-style data.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for config_class in (GPTConfig, TrainConfig):
+        group = parser.add_argument_group(config_class.__name__)
+        for f in dataclasses.fields(config_class):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kwargs = {"default": default, "help": f.metadata["help"]}
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, list):
+                kwargs["nargs"] = "+"
+            elif f.name == "resume":
+                kwargs.update(nargs="?", const="latest")
+            elif isinstance(default, (int, float)):
+                kwargs["type"] = positive_or_zero(type(default))
+            group.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def configs_from_args(args):
+    values = vars(args)
+    model_config = GPTConfig(**{f.name: values[f.name] for f in dataclasses.fields(GPTConfig)})
+    train_config = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
+    return model_config, train_config
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    model_config, train_config = configs_from_args(args)
+    try:
+        return train(train_config, model_config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
