@@ -464,9 +464,10 @@ def split_by_group(conversations, val_permille=20):
     return train, val
 
 
-def decontaminate(train, val):
-    """Drop training conversations that contain any message of the validation set verbatim."""
-    val_contents = {t["content"] for c in val for t in c["turns"]}
+def decontaminate(train, val, min_chars=64):
+    """Drop training conversations that contain a message of the validation set verbatim. Short
+    messages ("Thank you!") are shared by chance, not leaked, so they do not count."""
+    val_contents = {t["content"] for c in val for t in c["turns"] if len(t["content"]) >= min_chars}
     return [c for c in train if not any(t["content"] in val_contents for t in c["turns"])]
 
 

@@ -1,0 +1,81 @@
+"""Shared fixtures: small data sets in the OASST2 schema, written by the tests themselves (no third-party
+text), a tokenizer trained in-process, and a tiny model config that trains in seconds on a CPU."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import newgpt
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Flags for a model and run small enough to train a few steps in a second or two.
+TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
+              "--batch_size", "4", "--grad_accum", "2", "--eval_tokens", "256", "--eval_interval", "1000",
+              "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2"]
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def message(message_id, parent_id, tree_id, role, text, lang="en", rank=None, deleted=False, review_result=True):
+    """One row of the OASST2 message table (the Hugging Face schema, less the columns we never read)."""
+    return {"message_id": message_id, "parent_id": parent_id, "message_tree_id": tree_id, "role": role, "text": text,
+            "lang": lang, "rank": rank, "deleted": deleted, "review_result": review_result, "review_count": 3,
+            "synthetic": False, "model_name": None, "user_id": "u", "created_date": "2023-01-01T00:00:00+00:00",
+            "tree_state": "ready_for_export", "emojis": None, "labels": None, "detoxify": None}
+
+
+def arithmetic_tree(i):
+    """A branching tree: a question, two ranked answers, a follow-up on the best one."""
+    a, b = i % 10, (i * 7) % 10
+    t = f"tree{i}"
+    return [
+        message(f"{t}-q", None, t, "prompter", f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?"),
+        message(f"{t}-a0", f"{t}-q", t, "assistant", f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {a + b}.", rank=0),
+        message(f"{t}-a1", f"{t}-q", t, "assistant", f"It is {a + b}, I think.", rank=1),
+        message(f"{t}-f", f"{t}-a0", t, "prompter", "And times two?"),
+        message(f"{t}-fa", f"{t}-f", t, "assistant", f"Twice {a + b} is {2 * (a + b)}.", rank=0),
+    ]
+
+
+def oasst_rows(n_trees=40):
+    rows = [row for i in range(n_trees) for row in arithmetic_tree(i)]
+    rows += [  # messages that must never reach the training data
+        message("del-q", None, "del", "prompter", "A deleted question?", deleted=True),
+        message("del-a", "del-q", "del", "assistant", "An answer to a deleted question."),
+        message("bad-q", None, "bad", "prompter", "A question that failed review?", review_result=False),
+        message("bad-a", "bad-q", "bad", "assistant", "An answer below a failed review."),
+        message("de-q", None, "de", "prompter", "Wie spät ist es?", lang="de"),
+        message("de-a", "de-q", "de", "assistant", "Es ist drei Uhr.", lang="de"),
+    ]
+    return rows
+
+
+def write_jsonl(path, rows):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def oasst_file(tmp_path):
+    return write_jsonl(tmp_path / "oasst.jsonl.gz", oasst_rows())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [f"{w} plus {v} is {i}. Héllo wörld, 你好世界 🙂 ok" for i, (w, v) in
+             enumerate(zip(NUMBER_WORDS * 5, reversed(NUMBER_WORDS * 5)))]
+    return newgpt.train_tokenizer(texts, 400)
+
+
+def run_newgpt(*args, cwd, timeout=180, **kwargs):
+    """Run newgpt.py as a user would, from `cwd`."""
+    return subprocess.run([sys.executable, str(REPO / "newgpt.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
