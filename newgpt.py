@@ -895,10 +895,12 @@ def prepare_data(cfg, model_config, rank, world_size, log, resumed_tokenizer=Non
             arrays = {split: cached_token_arrays(tokenizer, tokenizer_sha, texts[split], texts["sha256"], split,
                                                  Path(cfg.out_dir) / "data") for split in ("train", "val")}
         barrier(world_size)
-    chars = sum(len(t["content"]) for c in texts["train"] for t in c["turns"])
-    log(f"data: {how} {cfg.texts}: {len(texts['train'])} train / {len(texts['val'])} val conversations, "
+    token_bytes = token_byte_lengths(tokenizer)[arrays["train"][0]]
+    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
+    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
+        f"{n_messages['train']:,} / {n_messages['val']:,} messages, "
         f"{len(arrays['train'][0]):,} / {len(arrays['val'][0]):,} tokens, "
-        f"{chars / max(1, len(arrays['train'][0])):.2f} chars/token, {time.time() - started:.1f}s")
+        f"{token_bytes.sum() / max(1, (token_bytes > 0).sum()):.2f} bytes/token, {time.time() - started:.1f}s")
     return texts, tokenizer, tokenizer_path, tokenizer_sha, arrays
 
 
