@@ -53,9 +53,9 @@ class UserError(Exception):
 class GPTConfig:
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size, chat special tokens included"})
     block_size: int = field(default=512, metadata={"help": "context length in tokens"})
-    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
-    n_head: int = field(default=6, metadata={"help": "attention heads per block"})
-    n_embd: int = field(default=384, metadata={"help": "embedding width; must be divisible by n_head"})
+    n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=256, metadata={"help": "embedding width; must be divisible by n_head"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 is best for a single epoch)"})
     pos_encoding: str = field(default="rope", metadata={"help": "positional encoding", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
@@ -76,7 +76,7 @@ class TrainConfig:
     out_dir: str = field(default="ckpt", metadata={"help": "directory for checkpoints, tokenizer and logs"})
     resume: str = field(default="", metadata={"help": "continue from 'latest' (bare --resume) or a checkpoint path"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps in total"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes (0: no limit)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -118,6 +118,27 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far, so that generating one more token
+    costs one position of compute instead of re-running the whole context. Preallocated to block_size."""
+
+    def __init__(self, config):
+        self.n_layer, self.block_size = config.n_layer, config.block_size
+        self.keys = self.values = None
+        self.length = 0
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) at positions [length, length + T) of `layer`; return all so far."""
+        if self.keys is None:
+            shape = (self.n_layer, *k.shape[:2], self.block_size, k.size(3))  # (L, B, nh, block_size, hs)
+            self.keys = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.values = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -128,7 +149,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, kv_cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -137,8 +158,13 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # The cache is filled by one prefill into an empty cache, then one token at a time; a single
+            # new query attends to every cached key, so it needs no mask.
+            assert T == 1 or kv_cache.length == 0, "prefill must start from an empty cache"
+            k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -165,8 +191,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -214,18 +240,23 @@ class GPT(nn.Module):
         """Parameters counted once (the tied embedding is shared with lm_head)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None). With a kv_cache, idx holds
+        only the new tokens and their positions continue from those already cached."""
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens exceeds block_size {self.config.block_size}"
+        start = kv_cache.length if kv_cache is not None else 0
+        assert start + T <= self.config.block_size, f"{start + T} positions exceed block_size {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_encoding == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -605,15 +636,27 @@ def render_conversations(tokenizer, conversations):
     return rendered
 
 
-def token_byte_lengths(tokenizer):
-    """UTF-8 bytes behind each token id (0 for special tokens), for tokenizer-independent bits per byte.
-    Byte-level BPE maps each byte to one printable character, so a token's length in characters is its
-    length in bytes."""
-    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+def byte_level_chars():
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte inside a token."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = [b for b in range(256) if b not in printable]
+    return {chr(c): b for c, b in zip(printable + [256 + i for i in range(len(unprintable))], printable + unprintable)}
+
+
+def token_bytes(tokenizer):
+    """The raw UTF-8 bytes behind each token id (b"" for special tokens). A token may end in the middle
+    of a multi-byte character, which is why streaming output decodes bytes, not tokens."""
+    to_byte = byte_level_chars()
+    table = [b""] * tokenizer.get_vocab_size()
     for token, i in tokenizer.get_vocab().items():
         if token not in SPECIAL_TOKENS:
-            lengths[i] = len(token)
-    return lengths
+            table[i] = bytes(to_byte[ch] for ch in token)
+    return table
+
+
+def token_byte_lengths(tokenizer):
+    """Bytes per token id (0 for special tokens), for tokenizer-independent bits per byte."""
+    return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
 # -----------------------------------------------------------------------------
@@ -648,7 +691,11 @@ class PackedRows:
     targets). Conversations are packed back to back, so no compute is spent on padding; attention may
     look across a <|bos|> into the previous conversation, which the model learns to ignore."""
 
-    def __init__(self, ids, mask, block_size, loss_on="assistant"):
+    def __init__(self, ids, mask, block_size, loss_on="assistant", pad_id=None):
+        if pad_id is not None:  # evaluation scores every token: fill the last row with untargeted padding
+            missing = -(len(ids) - 1) % block_size
+            ids = np.concatenate([ids, np.full(missing, pad_id, dtype=ids.dtype)])
+            mask = np.concatenate([mask, np.zeros(missing, dtype=mask.dtype)])
         self.block_size = block_size
         self.n_rows = (len(ids) - 1) // block_size
         self.ids, self.mask, self.loss_on = ids, mask, loss_on
@@ -991,7 +1038,7 @@ def train(cfg, model_config):
                         f"use the same --data and --texts to continue it")
     model_config.vocab_size = tokenizer.get_vocab_size()
     train_rows = PackedRows(*arrays["train"], model_config.block_size, cfg.loss_on)
-    val_rows = PackedRows(*arrays["val"], model_config.block_size, "assistant")
+    val_rows = PackedRows(*arrays["val"], model_config.block_size, "assistant", tokenizer.token_to_id("<|pad|>"))
     if train_rows.n_rows < 1 or val_rows.n_rows < 1:
         raise UserError(f"too little data for block_size {model_config.block_size}: {train_rows.n_rows} train / "
                         f"{val_rows.n_rows} val rows")

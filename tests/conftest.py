@@ -31,7 +31,7 @@ def message(message_id, parent_id, tree_id, role, text, lang="en", rank=None, de
 
 def arithmetic_tree(i):
     """A branching tree: a question, two ranked answers, a follow-up on the best one."""
-    a, b = i % 10, (i * 7) % 10
+    a, b = i % 10, (i // 10) % 10
     t = f"tree{i}"
     return [
         message(f"{t}-q", None, t, "prompter", f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?"),

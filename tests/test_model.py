@@ -61,6 +61,10 @@ def test_packed_rows_shift_targets_and_mask_prompter_tokens():
     assert y.tolist() == [[9, -1, 11, -1, 13, -1, 15, -1]], "targets shift by one; unmasked are ignored"
     _, y_all = newgpt.PackedRows(ids, mask, 8, loss_on="all").get([1])
     assert y_all.tolist() == [list(range(9, 17))]
+    padded = newgpt.PackedRows(ids, mask, 8, loss_on="assistant", pad_id=0)
+    assert padded.n_rows == 13, "evaluation pads the last partial row instead of dropping it"
+    x_last, y_last = padded.get([12])
+    assert x_last[0, :3].tolist() == [96, 97, 98] and (y_last[0, 3:] == -1).all()
 
 
 def test_training_rows_cover_an_epoch_without_repeats():

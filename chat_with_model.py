@@ -1,0 +1,359 @@
+"""
+Chat with a TinyGPT checkpoint in the terminal: the answer streams token by token, and the model sees the
+whole conversation (rendered with the same function that rendered its training data).
+
+    python chat_with_model.py                          # newest checkpoint in ckpt/
+    python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
+    python chat_with_model.py --prompt "What is a llama?"
+    printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, plain output
+
+Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling applies a
+CTRL-style repetition penalty, then temperature (0 means greedy), top-k and top-p (nucleus) filtering,
+with a seeded torch.Generator. Output bytes go through an incremental UTF-8 decoder, so a character split
+across tokens is never printed broken. The model, the chat format and load_checkpoint come from newgpt.py.
+"""
+
+import argparse
+import codecs
+import dataclasses
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from newgpt import (KVCache, UserError, autocast_context, load_checkpoint, make_conversation, pick_device,
+                    pick_dtype, render_conversations, token_bytes)
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 means greedy"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0: off)"})
+    top_p: float = field(default=0.9, metadata={"help": "sample from the smallest set with this much mass (1: off)"})
+    repetition_penalty: float = field(default=1.15, metadata={"help": "divide the logits of recent tokens by this (1: off)"})
+    repetition_window: int = field(default=64, metadata={"help": "how many recent tokens the penalty looks at"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
+    seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
+
+
+def check_sampling(config):
+    """Every bad value, in words a user can act on; empty when all is well."""
+    problems = []
+    if config.temperature < 0:
+        problems.append("temperature must be >= 0")
+    if config.top_k < 0:
+        problems.append("top_k must be >= 0")
+    if not 0 < config.top_p <= 1:
+        problems.append("top_p must be in (0, 1]")
+    if config.repetition_penalty < 1:
+        problems.append("repetition_penalty must be >= 1")
+    if config.repetition_window < 0:
+        problems.append("repetition_window must be >= 0")
+    if config.max_new_tokens < 1:
+        problems.append("max_new_tokens must be >= 1")
+    return problems
+
+
+def apply_repetition_penalty(logits, recent_ids, penalty):
+    """CTRL (Keskar et al. 2019): make tokens seen recently less likely, dividing a positive logit and
+    multiplying a negative one, so the penalty always pushes down."""
+    if penalty == 1.0 or not recent_ids:
+        return logits
+    ids = torch.tensor(sorted(set(recent_ids)), device=logits.device)
+    chosen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits, top_k, top_p):
+    """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches p."""
+    if top_k and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # keep a token if the mass before it is still short of p: the smallest set reaching p
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample_next(logits, config, recent_ids, generator):
+    """One token id from a (vocab_size,) row of logits."""
+    logits = apply_repetition_penalty(logits.float(), recent_ids, config.repetition_penalty)
+    if config.temperature == 0:
+        return int(logits.argmax())
+    logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def window_start(n_tokens, start, block_size):
+    """Where the model's context begins. When the tokens outgrow the window, it jumps forward to keep the
+    newest half: the cache must be rebuilt after any jump, and jumping by half makes that rare."""
+    if n_tokens - start > block_size:
+        return n_tokens - block_size // 2
+    return start
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None):
+    """Yield new token ids one at a time until a stop id (yielded too) or config.max_new_tokens.
+    With use_cache, the context is prefilled once and each step feeds only the newest token; without
+    it, each step re-runs the whole context window. Both see exactly the same context, so they agree."""
+    device = next(model.parameters()).device
+    tokens, start, cache = list(prompt_ids), 0, None
+    for _ in range(config.max_new_tokens):
+        new_start = window_start(len(tokens), start, model.config.block_size)
+        if use_cache and cache is not None and new_start == start:
+            feed = tokens[-1:]  # everything before it is in the cache
+        else:
+            start, cache = new_start, KVCache(model.config) if use_cache else None
+            feed = tokens[start:]
+        with ctx or nullcontext():
+            logits, _ = model(torch.tensor([feed], device=device), kv_cache=cache)
+        recent = tokens[-config.repetition_window:] if config.repetition_window else []
+        next_id = sample_next(logits[0, -1], config, recent, generator)
+        yield next_id
+        if next_id in stop_ids:
+            return
+        tokens.append(next_id)
+
+
+class Utf8Stream:
+    """Token ids in, printable text out: bytes are held back until they complete a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.table = token_bytes(tokenizer)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id):
+        return self.decoder.decode(self.table[token_id])
+
+    def flush(self):
+        return self.decoder.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# The conversation
+
+
+class Chat:
+    """History, prompt rendering within the context window, and streaming answers."""
+
+    def __init__(self, model, tokenizer, sampling, device, dtype):
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.ctx = autocast_context(device, dtype)
+        self.generator = torch.Generator().manual_seed(sampling.seed)
+        self.system = ""
+        self.history = []  # (role, content) pairs, oldest first
+        # Far more characters than fit in the window; bounds the tokenizer's work on a pasted novel.
+        self.max_input_chars = 32 * model.config.block_size
+        self.assistant_id = tokenizer.token_to_id("<|assistant|>")
+        self.end_id = tokenizer.token_to_id("<|end|>")
+
+    def reset(self):
+        self.history = []
+
+    def render(self, history):
+        turns = ([("system", self.system)] if self.system else []) + history
+        ids, _ = render_conversations(self.tokenizer, [make_conversation(turns, "chat")])[0]
+        return ids + [self.assistant_id]
+
+    def add_user_turn(self, user_text):
+        """Append a user turn and return (prompt ids, notice). The oldest exchanges are dropped (never
+        the system prompt) until the prompt leaves room for max_new_tokens; a message too long on its
+        own keeps its end. The notice says what was cut, if anything."""
+        budget = self.model.config.block_size - self.sampling.max_new_tokens
+        history = self.history + [("user", user_text[-self.max_input_chars:])]
+        while len(history) > 1 and len(self.render(history)) > budget:
+            history = history[1:]
+        dropped = len(self.history) + 1 - len(history)
+        ids = self.render(history)
+        notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
+        if len(ids) > budget:
+            while len(ids) > budget:  # re-encoding a cut text can merge tokens differently: repeat until it fits
+                kept = self.tokenizer.encode(history[-1][1]).ids[len(ids) - budget:]
+                if not kept:
+                    raise UserError("the system prompt leaves no room for a message; shorten it or lower "
+                                    "max_new_tokens")
+                history[-1] = ("user", self.tokenizer.decode(kept))
+                ids = self.render(history)
+            notice = (f"(your message has {len(user_text):,} characters, more than fits in the context window: "
+                      f"kept its last {len(history[-1][1]):,})")
+        self.history = history
+        return ids, notice
+
+    def stream_reply(self, prompt_ids):
+        """Yield the answer's text in pieces as it is generated; the answer joins the history, also when
+        the caller stops early (Ctrl-C)."""
+        stream, pieces = Utf8Stream(self.tokenizer), []
+        self.last_answer_tokens = 0
+        try:
+            for token_id in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
+                                     ctx=self.ctx):
+                if token_id == self.end_id:
+                    break
+                self.last_answer_tokens += 1
+                pieces.append(stream.push(token_id))
+                yield pieces[-1]
+            pieces.append(stream.flush())
+            yield pieces[-1]
+        finally:
+            self.history.append(("assistant", "".join(pieces)))
+
+
+# -----------------------------------------------------------------------------
+# The REPL
+
+HELP = """commands:
+  /help                 this help
+  /reset                forget the conversation (the system prompt stays)
+  /system TEXT          set the system prompt (empty TEXT clears it) and reset
+  /set NAME=VALUE ...   change sampling, e.g. /set temperature=0.7 top_p=0.9
+  /settings             show the sampling settings
+  /quit, exit, Ctrl-D   leave; Ctrl-C stops an answer, and at an empty prompt leaves"""
+
+
+def apply_settings(sampling, assignments):
+    """'/set a=1 b=2' -> a new SamplingConfig, or UserError naming every bad part; nothing changes on error."""
+    types = {f.name: type(f.default) for f in dataclasses.fields(SamplingConfig)}
+    changes, problems = {}, []
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if name not in types or not value:
+            problems.append(f"{assignment!r} is not NAME=VALUE with NAME one of {', '.join(types)}")
+            continue
+        try:
+            changes[name] = types[name](value)
+        except ValueError:
+            problems.append(f"{name} needs {'an integer' if types[name] is int else 'a number'}, got {value!r}")
+    updated = dataclasses.replace(sampling, **changes)
+    problems += check_sampling(updated)
+    if problems or not assignments:
+        raise UserError("; ".join(problems) or "usage: /set NAME=VALUE ...")
+    return updated
+
+
+def stream_answer(chat, user_text, out, show_speed):
+    started = time.time()
+    prompt_ids, notice = chat.add_user_turn(user_text)
+    if notice:
+        print(notice, file=sys.stderr)
+    try:
+        for piece in chat.stream_reply(prompt_ids):
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    if show_speed:
+        seconds = time.time() - started
+        out.write(f"[{chat.last_answer_tokens} tokens in {seconds:.2f}s, "
+                  f"{chat.last_answer_tokens / max(seconds, 1e-9):.1f} tok/s]\n")
+    out.flush()
+
+
+def handle_command(chat, line, out):
+    """Run a /command; returns False when the user wants to leave."""
+    command, _, rest = line.partition(" ")
+    if command in ("/quit", "/exit", "exit", "quit"):
+        return False
+    if command == "/help":
+        out.write(HELP + "\n")
+    elif command == "/reset":
+        chat.reset()
+        out.write("(conversation cleared)\n")
+    elif command == "/system":
+        chat.system = rest.strip()
+        chat.reset()
+        out.write(f"(system prompt {'set' if chat.system else 'cleared'}; conversation cleared)\n")
+    elif command == "/settings":
+        out.write(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.sampling).items()) + "\n")
+    elif command == "/set":
+        try:
+            chat.sampling = apply_settings(chat.sampling, rest.split())
+            out.write(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.sampling).items()) + "\n")
+        except UserError as e:
+            out.write(f"error: {e}\n")
+    else:
+        out.write(f"unknown command {command}; /help lists them\n")
+    return True
+
+
+def repl(chat, interactive, show_speed):
+    out = sys.stdout
+    while True:
+        try:
+            line = input("\nyou> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            out.write("\n")
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/") or line in ("exit", "quit"):
+            if not handle_command(chat, line, out):
+                break
+            continue
+        if interactive:
+            out.write("bot> ")
+        stream_answer(chat, line, out, show_speed)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Chat with a TinyGPT checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", default="ckpt", help="checkpoint file, or a directory to take the newest from")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--system", default="", help="system prompt")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--show_speed", action="store_true", help="print tokens per second after each answer")
+    for f in dataclasses.fields(SamplingConfig):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+    try:
+        problems = check_sampling(sampling)
+        if problems:
+            raise UserError("; ".join(problems))
+        device = pick_device(args.device)
+        model, tokenizer, ckpt = load_checkpoint(args.ckpt, device)
+        chat = Chat(model.eval(), tokenizer, sampling, device, pick_dtype(args.dtype, device))
+        chat.system = args.system
+        interactive = args.prompt is None and sys.stdin.isatty()
+        if args.prompt is not None:
+            stream_answer(chat, args.prompt, sys.stdout, args.show_speed)
+            return 0
+        if interactive:
+            val = ckpt.get("val_loss")
+            print(f"TinyGPT {model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
+                  f"{f', val loss {val:.3f}' if val is not None else ''}, on {device}. /help for commands.")
+        repl(chat, interactive, args.show_speed)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

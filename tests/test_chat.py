@@ -1,0 +1,196 @@
+"""chat_with_model.py: KV-cache generation, sampling, UTF-8 streaming, history and the REPL."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import chat_with_model as chat
+import newgpt
+from conftest import REPO, TINY_FLAGS, oasst_rows, run_newgpt, write_jsonl
+
+
+def tiny_model(pos_encoding, block_size=32):
+    torch.manual_seed(0)
+    config = newgpt.GPTConfig(vocab_size=300, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
+                              pos_encoding=pos_encoding)
+    return newgpt.GPT(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """A real checkpoint, trained for two steps by newgpt.py on fixture data."""
+    tmp = tmp_path_factory.mktemp("chat")
+    data = write_jsonl(tmp / "oasst.jsonl", oasst_rows(100))
+    flags = [f if f != "32" or TINY_FLAGS[i - 1] != "--block_size" else "64" for i, f in enumerate(TINY_FLAGS)]
+    result = run_newgpt("--data", data, "--texts", tmp / "texts.json", "--out_dir", tmp / "ckpt", *flags,
+                        "--max_steps", "2", cwd=tmp)
+    assert result.returncode == 0, result.stderr
+    return tmp / "ckpt"
+
+
+def run_chat(*args, stdin="", timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- generation
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_kv_cache_matches_full_forward(pos_encoding):
+    model = tiny_model(pos_encoding)
+    idx = torch.randint(0, 300, (2, 30))
+    full, _ = model(idx)
+    cache = newgpt.KVCache(model.config)
+    pieces = [model(idx[:, :17], kv_cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(17, 30)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-4), "cached logits drift from the full forward"
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_greedy_generation_with_cache_equals_without_past_the_window(pos_encoding):
+    model = tiny_model(pos_encoding)
+    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=150, repetition_penalty=1.3)
+    prompt = torch.randint(0, 300, (20,)).tolist()
+    cached = list(chat.generate(model, prompt, config, use_cache=True))
+    uncached = list(chat.generate(model, prompt, config, use_cache=False))
+    assert len(cached) == 150, "150 tokens run well past the 32-token window"
+    assert cached == uncached
+
+
+def test_window_keeps_the_newest_half_when_full():
+    assert chat.window_start(32, 0, 32) == 0
+    assert chat.window_start(33, 0, 32) == 17, "33 tokens overflow a 32 window: keep the newest 16"
+    assert chat.window_start(40, 17, 32) == 17
+
+
+def test_generation_stops_at_the_stop_token():
+    model = tiny_model("rope")
+    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=50)
+    first = next(chat.generate(model, [1, 2, 3], config))
+    assert list(chat.generate(model, [1, 2, 3], config, stop_ids=(first,))) == [first]
+
+
+# ---- sampling
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(100)
+    kept = torch.isfinite(chat.filter_top_k_top_p(logits, top_k=7, top_p=1.0))
+    assert kept.sum() == 7 and set(kept.nonzero().flatten().tolist()) == set(torch.topk(logits, 7).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    kept = torch.isfinite(chat.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.8))
+    assert kept.tolist() == [False, True, False, True, True], "0.4 + 0.3 = 0.7 < 0.8, so 0.15 joins, 0.1 does not"
+    exactly = torch.isfinite(chat.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.7))
+    assert exactly.sum() == 2, "mass 0.7 is reached by two tokens"
+
+
+def test_repetition_penalty_lowers_repeated_tokens():
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
+    penalized = chat.apply_repetition_penalty(logits, [0, 1], 2.0)
+    assert penalized.tolist() == [1.0, -2.0, 0.5, 1.0]
+    before, after = logits.softmax(-1), penalized.softmax(-1)
+    assert after[0] < before[0] and after[1] < before[1]
+
+
+def test_same_seed_same_output_and_temperature_zero_is_argmax():
+    logits = torch.randn(300)
+    config = chat.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    draws = [chat.sample_next(logits, config, [], torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    many = {chat.sample_next(logits, config, [], torch.Generator().manual_seed(s)) for s in range(30)}
+    assert len(many) > 1, "sampling at temperature 1 must vary with the seed"
+    greedy = dataclasses.replace(config, temperature=0.0)
+    assert chat.sample_next(logits, greedy, [], None) == int(logits.argmax())
+
+
+def test_set_command_validates_every_value():
+    sampling = chat.SamplingConfig()
+    assert chat.apply_settings(sampling, ["temperature=0.2", "top_k=5"]).top_k == 5
+    with pytest.raises(newgpt.UserError, match="temperature needs a number.*top_p must be in"):
+        chat.apply_settings(sampling, ["temperature=hot", "top_p=1.5"])
+    with pytest.raises(newgpt.UserError, match="not NAME=VALUE"):
+        chat.apply_settings(sampling, ["colour=blue"])
+
+
+# ---- streaming and history
+
+
+def test_utf8_stream_never_prints_broken_characters(tokenizer):
+    text = "Grüße! 🙂👍🏽 你好，世界 — 東京 🇫🇷"
+    stream = chat.Utf8Stream(tokenizer)
+    pieces = [stream.push(i) for i in tokenizer.encode(text).ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces), "no replacement characters mid-stream"
+
+
+def make_chat(checkpoint_dir, **sampling):
+    model, tokenizer, _ = newgpt.load_checkpoint(checkpoint_dir)
+    return chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(**sampling), "cpu", "float32")
+
+
+def test_history_truncation_keeps_the_newest_turns_within_the_window(checkpoint_dir):
+    session = make_chat(checkpoint_dir, max_new_tokens=16)
+    session.system = "Be kind."
+    for i in range(12):
+        session.history += [("user", f"question number {i} about things"), ("assistant", f"answer number {i}")]
+    ids, notice = session.add_user_turn("the newest question")
+    assert len(ids) + 16 <= session.model.config.block_size
+    assert "dropped" in notice
+    assert session.history[-1] == ("user", "the newest question")
+    assert ("assistant", "answer number 11") in session.history, "the newest exchange survives"
+    assert ("user", "question number 0 about things") not in session.history, "the oldest goes first"
+    assert session.tokenizer.decode(ids).startswith("Be kind."), "the system prompt is kept"
+
+
+def test_a_huge_message_is_cut_to_fit_with_a_notice(checkpoint_dir):
+    session = make_chat(checkpoint_dir, max_new_tokens=16)
+    ids, notice = session.add_user_turn("word " * 20000 + "the end")
+    assert len(ids) + 16 <= session.model.config.block_size and "kept its last" in notice
+    assert session.history[-1][1].endswith("the end")
+
+
+# ---- the program
+
+
+def test_piped_repl_multi_turn_reset_set_and_odd_lines(checkpoint_dir):
+    stdin = "\n".join(["Hello there", "", "/set temperature=-1 top_k=x", "/settings", "And then?", "/reset",
+                       "x" * 100_000, "/quit", "never read"]) + "\n"
+    result = run_chat("--ckpt", checkpoint_dir, "--max_new_tokens", "8", "--temperature", "0", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "temperature must be >= 0" in out and "top_k needs an integer" in out
+    assert "temperature=0.0" in out and "(conversation cleared)" in out
+    assert "kept its last" in result.stderr, "the huge line is cut with a notice on stderr"
+    assert "Traceback" not in result.stderr and "you>" not in out, "piped output has no prompts"
+
+
+def test_prompt_flag_answers_once_and_is_deterministic(checkpoint_dir):
+    first = run_chat("--ckpt", checkpoint_dir, "--prompt", "Hi", "--max_new_tokens", "12", "--seed", "3")
+    second = run_chat("--ckpt", checkpoint_dir, "--prompt", "Hi", "--max_new_tokens", "12", "--seed", "3")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.endswith("\n")
+
+
+def test_missing_corrupt_and_foreign_checkpoints_give_one_line_errors(tmp_path, checkpoint_dir):
+    missing = run_chat("--ckpt", tmp_path / "empty_dir_that_does_not_exist")
+    assert missing.returncode != 0 and "checkpoint not found" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    none = run_chat("--ckpt", tmp_path / "empty")
+    assert none.returncode != 0 and "no checkpoint in" in none.stderr and "python newgpt.py" in none.stderr
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((checkpoint_dir / "gpt_step0002.pt").read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    for path in (corrupt, foreign):
+        result = run_chat("--ckpt", path, "--prompt", "hi")
+        assert result.returncode != 0 and "not a readable TinyGPT checkpoint" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    bad_flag = run_chat("--ckpt", checkpoint_dir, "--top_p", "3", "--prompt", "hi")
+    assert bad_flag.returncode != 0 and "top_p must be in" in bad_flag.stderr
