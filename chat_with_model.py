@@ -34,8 +34,8 @@ from newgpt import (KVCache, UserError, autocast_context, load_checkpoint, make_
 class SamplingConfig:
     temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 means greedy"})
     top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0: off)"})
-    top_p: float = field(default=0.9, metadata={"help": "sample from the smallest set with this much mass (1: off)"})
-    repetition_penalty: float = field(default=1.15, metadata={"help": "divide the logits of recent tokens by this (1: off)"})
+    top_p: float = field(default=0.9, metadata={"help": "sample from the smallest set with this mass (1: off)"})
+    repetition_penalty: float = field(default=1.15, metadata={"help": "push recent tokens down by this (1: off)"})
     repetition_window: int = field(default=64, metadata={"help": "how many recent tokens the penalty looks at"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
     seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
@@ -174,10 +174,14 @@ class Chat:
         """Append a user turn and return (prompt ids, notice). The oldest exchanges are dropped (never
         the system prompt) until the prompt leaves room for max_new_tokens; a message too long on its
         own keeps its end. The notice says what was cut, if anything."""
-        budget = self.model.config.block_size - self.sampling.max_new_tokens
+        block_size = self.model.config.block_size
+        # A longer answer than fits slides the window during generation; the prompt keeps at least half.
+        budget = max(block_size // 2, block_size - self.sampling.max_new_tokens)
         history = self.history + [("user", user_text[-self.max_input_chars:])]
         while len(history) > 1 and len(self.render(history)) > budget:
             history = history[1:]
+            while history[0][0] == "assistant":  # drop whole exchanges: the history starts with a question
+                history = history[1:]
         dropped = len(self.history) + 1 - len(history)
         ids = self.render(history)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
@@ -310,7 +314,10 @@ def repl(chat, interactive, show_speed):
             continue
         if interactive:
             out.write("bot> ")
-        stream_answer(chat, line, out, show_speed)
+        try:
+            stream_answer(chat, line, out, show_speed)
+        except UserError as e:
+            out.write(f"error: {e}\n")
 
 
 def build_parser():

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -57,7 +58,8 @@ class GPTConfig:
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
     n_embd: int = field(default=256, metadata={"help": "embedding width; must be divisible by n_head"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 is best for a single epoch)"})
-    pos_encoding: str = field(default="rope", metadata={"help": "positional encoding", "choices": ["rope", "learned"]})
+    pos_encoding: str = field(default="rope", metadata={
+        "help": "positional encoding: rotary (RoPE) or a learned table", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
 
 
@@ -74,11 +76,13 @@ class TrainConfig:
         "help": "which paths to take through each OASST tree", "choices": ["best", "all"]})
     max_samples: int = field(default=0, metadata={"help": "read only the first N training records (0: all)"})
     out_dir: str = field(default="ckpt", metadata={"help": "directory for checkpoints, tokenizer and logs"})
-    resume: str = field(default="", metadata={"help": "continue from 'latest' (bare --resume) or a checkpoint path"})
+    resume: str = field(default="", metadata={
+        "help": "continue from 'latest' (bare --resume) or a checkpoint path"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=2000, metadata={"help": "optimizer steps in total"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes (0: no limit)"})
+    max_minutes: float = field(default=0.0, metadata={
+        "help": "stop (and save) after this many minutes (0: no limit)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
@@ -245,7 +249,7 @@ class GPT(nn.Module):
         only the new tokens and their positions continue from those already cached."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, f"{start + T} positions exceed block_size {self.config.block_size}"
+        assert start + T <= self.config.block_size, f"{start + T} positions exceed {self.config.block_size}"
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_encoding == "learned":
@@ -380,8 +384,8 @@ def oasst_conversations(messages, langs, branches):
             if path[-1]["role"] == "prompter":
                 path = path[:-1]  # an unanswered question teaches nothing
             if len(path) >= 2:
-                roles = ["user" if m["role"] == "prompter" else "assistant" for m in path]
-                yield make_conversation(zip(roles, (m["text"] for m in path)), root.get("message_tree_id", root["message_id"]))
+                turns = [("user" if m["role"] == "prompter" else "assistant", m["text"]) for m in path]
+                yield make_conversation(turns, root.get("message_tree_id", root["message_id"]))
 
 
 LLAMA2_SYSTEM = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
@@ -403,7 +407,8 @@ def parse_llama2_chat(text):
 def parse_human_assistant(text):
     """'### Human: ... ### Assistant: ...' -> (role, content) turns."""
     parts = re.split(r"###\s*(Human|Assistant):", text)
-    return [("user" if marker == "Human" else "assistant", content) for marker, content in zip(parts[1::2], parts[2::2])]
+    roles = ["user" if marker == "Human" else "assistant" for marker in parts[1::2]]
+    return list(zip(roles, parts[2::2]))
 
 
 def text_record_conversation(record, group):
@@ -640,7 +645,8 @@ def byte_level_chars():
     """GPT-2's byte-level alphabet: the printable character that stands for each byte inside a token."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     unprintable = [b for b in range(256) if b not in printable]
-    return {chr(c): b for c, b in zip(printable + [256 + i for i in range(len(unprintable))], printable + unprintable)}
+    stand_ins = printable + [256 + i for i in range(len(unprintable))]  # unprintable bytes shift past 255
+    return {chr(c): b for c, b in zip(stand_ins, printable + unprintable)}
 
 
 def token_bytes(tokenizer):
@@ -1013,6 +1019,28 @@ def plot_metrics(metrics_path, png_path):
     plt.close(fig)
 
 
+def train_step(model, optimizer, train_rows, step, cfg, rank, world_size, device, ctx):
+    """One optimizer step: grad_accum micro-batches forward and backward, clip, AdamW. Returns the loss.
+    Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it)."""
+    lr = get_lr(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = train_rows.get(training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows))
+        x, y = x.to(device), y.to(device)
+        sync = world_size == 1 or micro == cfg.grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()), ctx:
+            _, loss = model(x, y)
+        (loss / cfg.grad_accum).backward()
+        step_loss += loss.item() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, lr
+
+
 def train(cfg, model_config):
     check_train_config(cfg)
     check_model_config(model_config)
@@ -1076,9 +1104,8 @@ def train(cfg, model_config):
                 "data_position": {"rows_consumed": step * cfg.grad_accum * world_size * cfg.batch_size,
                                   "train_rows": train_rows.n_rows}}
 
-    from tqdm import tqdm
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    step_started, first_step = time.time(), step
+    first_step, train_seconds = step, 0.0
     while True:
         last_step = step >= cfg.max_steps
         out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
@@ -1094,30 +1121,17 @@ def train(cfg, model_config):
         if last_step or stopping:
             break
 
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = train_rows.get(training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows))
-            x, y = x.to(device), y.to(device)
-            sync = world_size == 1 or micro == cfg.grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, y)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_started = time.time()
+        step_loss, lr = train_step(model, optimizer, train_rows, step, cfg, rank, world_size, device, ctx)
         step += 1
+        train_seconds += time.time() - step_started
 
-        tok_per_s = tokens_per_step * (step - first_step) / (time.time() - step_started)
+        tok_per_s = tokens_per_step * (step - first_step) / train_seconds  # evaluation time excluded
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}")
         if master and step % cfg.log_interval == 0:
-            write_metrics(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr,
-                                         "tok_per_s": round(tok_per_s), "elapsed_s": round(time.time() - started, 1)})
+            write_metrics(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr, "tok_per_s": round(tok_per_s),
+                                         "elapsed_s": round(time.time() - started, 1)})
     progress.close()
     if master:
         plot_metrics(metrics_path, Path(cfg.out_dir) / "loss.png")
@@ -1128,6 +1142,8 @@ def train(cfg, model_config):
     if stop.requested:
         log("interrupted: checkpoint saved; continue with --resume")
         return 130
+    if step < cfg.max_steps:
+        log(f"stopped at the --max_minutes limit ({cfg.max_minutes:g}); continue with --resume")
     return 0
 
 

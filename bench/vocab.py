@@ -5,7 +5,7 @@
 Each tokenizer is trained on the training conversations of a prepared texts file (what newgpt.py writes)
 and measured on its validation conversations, as rendered for training (special tokens excluded). More
 bytes per token means shorter sequences, so more text per context window and per second of training, at
-the cost of a larger embedding matrix (vocab_size x n_embd parameters, shown for n_embd=384).
+the cost of a larger embedding matrix (vocab_size x n_embd parameters, shown for the default n_embd).
 """
 
 import argparse
@@ -28,7 +28,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--texts", default="train_texts.json", help="prepared texts file written by newgpt.py")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--n_embd", type=int, default=384, help="width used for the embedding-size column")
+    parser.add_argument("--n_embd", type=int, default=newgpt.GPTConfig().n_embd, help="width for the embedding column")
     args = parser.parse_args()
     texts = newgpt.read_texts_file(Path(args.texts))
     print(f"{len(texts['train']):,} train / {len(texts['val']):,} val conversations from {args.texts}\n")

@@ -17,7 +17,7 @@ def test_best_branch_follows_rank_zero_through_the_tree():
     assert len(conversations) == 1, "best branch gives one path per tree"
     turns = conversations[0]["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
-    assert turns[1]["content"] == "three plus one is 4.", "the rank-0 reply is followed"
+    assert turns[1]["content"] == "three plus zero is 3.", "the rank-0 reply is followed"
     assert conversations[0]["group"] == "tree3"
 
 
