@@ -172,6 +172,14 @@ def test_piped_repl_multi_turn_reset_set_and_odd_lines(checkpoint_dir):
     assert "Traceback" not in result.stderr and "you>" not in out, "piped output has no prompts"
 
 
+def test_a_long_piped_conversation_never_overflows_the_window(checkpoint_dir):
+    turns = ["/system Answer briefly."] + [f"Tell me fact number {i} about the sea" for i in range(40)]
+    result = run_chat("--ckpt", checkpoint_dir, "--max_new_tokens", "12", stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "(system prompt set; conversation cleared)" in result.stdout
+    assert result.stdout.count("\n") >= 41, "one answer line per user turn"
+
+
 def test_prompt_flag_answers_once_and_is_deterministic(checkpoint_dir):
     first = run_chat("--ckpt", checkpoint_dir, "--prompt", "Hi", "--max_new_tokens", "12", "--seed", "3")
     second = run_chat("--ckpt", checkpoint_dir, "--prompt", "Hi", "--max_new_tokens", "12", "--seed", "3")
