@@ -61,6 +61,9 @@ class GPTConfig:
     pos_encoding: str = field(default="rope", metadata={
         "help": "positional encoding: rotary (RoPE) or a learned table", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
+    mlp_act: str = field(default="gelu", metadata={
+        "help": "MLP nonlinearity: GELU (GPT-2) or ReLU squared (Primer, So et al. 2021)", "choices": ["gelu", "relu2"]})
+    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (as in Qwen3)"})
 
 
 @dataclass
@@ -99,6 +102,12 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={
         "help": "autocast precision", "choices": ["auto", "float32", "bfloat16", "float16"]})
     seed: int = field(default=1337, metadata={"help": "seed for the data order and the model init"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw for everything, or muon for the hidden matrices plus adamw for the rest",
+        "choices": ["adamw", "muon"]})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})
+    curriculum_steps: int = field(default=0, metadata={
+        "help": "for this many first steps train on quarter-length sequences (same tokens per step)"})
 
 
 HF_DATASET = "OpenAssistant/oasst2"
@@ -152,6 +161,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
 
     def forward(self, x, rope=None, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -159,6 +171,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -178,12 +192,14 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.relu2 = config.mlp_act == "relu2"
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")
+        return self.dropout(self.c_proj(x))
 
 
 class Block(nn.Module):
@@ -773,13 +789,23 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def configure_optimizer(model, cfg, device):
-    """AdamW; weight decay only on matrices (embeddings and linear weights), never on gains or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def configure_optimizers(model, cfg, device):
+    """A list of optimizers that together cover every parameter. AdamW decays matrices (embeddings and
+    linear weights), never gains or biases. With --optimizer muon, the blocks' hidden matrices go to Muon
+    (Jordan et al. 2024: orthogonalised momentum), with its step scaled to match AdamW's RMS (Liu et al.
+    2025) so the same learning rate and schedule apply; embeddings, gains and biases stay on AdamW."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if p.dim() == 2 and ".h." in f".{name}"] if cfg.optimizer == "muon" else []
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in hidden_ids]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.split(":")[0] in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def get_lr(step, cfg):
@@ -1019,15 +1045,17 @@ def plot_metrics(metrics_path, png_path):
     plt.close(fig)
 
 
-def train_step(model, optimizer, train_rows, step, cfg, rank, world_size, device, ctx):
-    """One optimizer step: grad_accum micro-batches forward and backward, clip, AdamW. Returns the loss.
+def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx):
+    """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it)."""
     lr = get_lr(step, cfg)
-    for group in optimizer.param_groups:
+    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
         x, y = train_rows.get(training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows))
+        if step < cfg.curriculum_steps:  # curriculum: the same tokens as 4x more rows of quarter length
+            x, y = x.reshape(-1, x.size(1) // 4), y.reshape(-1, y.size(1) // 4)  # (4B, T/4)
         x, y = x.to(device), y.to(device)
         sync = world_size == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
@@ -1036,8 +1064,9 @@ def train_step(model, optimizer, train_rows, step, cfg, rank, world_size, device
         step_loss += loss.item() / cfg.grad_accum
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step_loss, lr
 
 
@@ -1074,14 +1103,19 @@ def train(cfg, model_config):
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
+    optimizers = configure_optimizers(model, cfg, device)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if len(ckpt["optimizers"]) != len(optimizers):
+            raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
+        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+            optimizer.load_state_dict(state)
         torch.set_rng_state(ckpt["rng"]["torch"])
         step = ckpt["step"]
-    raw_model = model
+    raw_model = model  # what is saved and evaluated: no compiled or DDP wrapper in the state_dict
+    if cfg.compile:
+        model = torch.compile(model)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     ctx = autocast_context(device, dtype)
@@ -1097,7 +1131,7 @@ def train(cfg, model_config):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * model_config.block_size
 
     def checkpoint_state():
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                 "model_config": asdict(model_config), "train_config": asdict(cfg), "step": step,
                 "val_loss": val_loss, "tokenizer": {"file": tokenizer_path.name, "sha256": tokenizer_sha},
                 "texts_sha256": texts["sha256"], "rng": {"torch": torch.get_rng_state()},
@@ -1111,7 +1145,7 @@ def train(cfg, model_config):
         out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
         stopping = stop_agreed(stop.requested or out_of_time, world_size, device)
         if step % cfg.eval_interval == 0 or last_step or stopping:
-            val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, device)
+            val_loss, val_bpb = evaluate(raw_model, val_rows, byte_lengths, cfg, ctx, device)
             if master:
                 write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                              "elapsed_s": round(time.time() - started, 1)})
@@ -1122,7 +1156,7 @@ def train(cfg, model_config):
             break
 
         step_started = time.time()
-        step_loss, lr = train_step(model, optimizer, train_rows, step, cfg, rank, world_size, device, ctx)
+        step_loss, lr = train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx)
         step += 1
         train_seconds += time.time() - step_started
 
@@ -1189,7 +1223,25 @@ def build_parser():
             elif isinstance(default, (int, float)):
                 kwargs["type"] = positive_or_zero(type(default))
             group.add_argument(f"--{f.name}", **kwargs)
+    parser.add_argument("--recipe", choices=list(RECIPES), default="default",
+                        help="a named set of defaults: 'seed' is the original project's configuration")
     return parser
+
+
+# The original project's recipe, for comparisons: `python newgpt.py --recipe seed` (explicit flags still win).
+# Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
+RECIPES = {
+    "default": {},
+    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
+             "qk_norm": False, "dtype": "float32", "optimizer": "adamw", "compile": False, "curriculum_steps": 0},
+}
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    recipe = parser.parse_known_args(argv)[0].recipe
+    parser.set_defaults(**RECIPES[recipe])
+    return parser.parse_args(argv)
 
 
 def configs_from_args(args):
@@ -1200,8 +1252,7 @@ def configs_from_args(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    model_config, train_config = configs_from_args(args)
+    model_config, train_config = configs_from_args(parse_args(argv))
     try:
         return train(train_config, model_config)
     except UserError as e:

@@ -1,10 +1,10 @@
 """Training throughput, side by side: the original project's recipe against ours, in one run.
 
-    python bench/train_speed.py                  # seed recipe fp32/bf16 and the default model fp32/bf16
-    python bench/train_speed.py --steps 20 --batch_size 8
+    python bench/train_speed.py                  # the recipes below, 10 timed steps of 8 x 512 tokens each
+    python bench/train_speed.py --steps 20 --recipes "seed (fp32)" default
 
-Each recipe runs in its own subprocess (so peak RSS is its own) for --steps optimizer steps of the real
-training step: forward and backward under autocast, gradient clipping, fused AdamW. The same run measures
+Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
+training step: forward and backward under autocast, gradient clipping, the optimizers. The same run measures
 this machine's matmul peak in fp32 and bf16, and reports model FLOPs utilization (MFU) against it.
 The machine is shared and noisy: read the ratios, not the absolute numbers.
 """
@@ -19,17 +19,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import newgpt  # noqa: E402
 
-SEED_MODEL = newgpt.GPTConfig(n_layer=4, n_head=4, n_embd=256, pos_encoding="learned")
+# name -> newgpt.py flags; each row is a recipe plus overrides, built exactly as the training script builds it.
 RECIPES = {
-    "seed fp32": (SEED_MODEL, "float32"),
-    "seed bf16": (SEED_MODEL, "bfloat16"),
-    "default fp32": (newgpt.GPTConfig(), "float32"),
-    "default bf16": (newgpt.GPTConfig(), "bfloat16"),
+    "seed (fp32)": ["--recipe", "seed"],
+    "seed +bf16": ["--recipe", "seed", "--dtype", "bfloat16"],
+    "seed +bf16 +compile": ["--recipe", "seed", "--dtype", "bfloat16", "--compile"],
+    "default -compile": ["--no-compile"],
+    "default": [],
 }
 
 
@@ -52,36 +54,34 @@ def flops_per_token(config):
 
 
 def run_worker(name, steps, batch_size):
-    config, dtype = RECIPES[name]
+    """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
+    tokens, with the model, optimizers, precision and compilation the recipe's flags select."""
+    args = newgpt.parse_args(RECIPES[name] + ["--batch_size", str(batch_size), "--grad_accum", "1"])
+    model_config, cfg = newgpt.configs_from_args(args)
     torch.manual_seed(0)
-    model = newgpt.GPT(config)
-    optimizer = newgpt.configure_optimizer(model, newgpt.TrainConfig(), "cpu")
+    model = newgpt.GPT(model_config)
+    optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
+    dtype = newgpt.pick_dtype(cfg.dtype, "cpu")
     ctx = newgpt.autocast_context("cpu", dtype)
-    x = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
-    y = torch.randint(0, config.vocab_size, (batch_size, config.block_size))
-
-    def step():
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(2):  # warm-up: allocator, kernel selection
-        step()
+    trained = torch.compile(model) if cfg.compile else model
+    n_tokens = (steps + 3) * batch_size * model_config.block_size + 1
+    ids = np.random.default_rng(0).integers(0, model_config.vocab_size, n_tokens).astype(np.uint16)
+    rows = newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), model_config.block_size)
+    for step in range(3):  # warm-up: compilation, allocator, kernel selection
+        newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for step in range(3, 3 + steps):
+        newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
     seconds = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tok_s": steps * batch_size * config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
-                      "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(config)}))
+    print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
+                      "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(model_config),
+                      "dtype": dtype, "config": asdict(model_config) | {"compile": cfg.compile}}))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per recipe")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
     parser.add_argument("--batch_size", type=int, default=8, help="rows of block_size tokens per step")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -97,16 +97,16 @@ def main():
         out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
                               "--batch_size", str(args.batch_size)], capture_output=True, text=True, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    baseline = results.get("seed fp32", next(iter(results.values())))["tok_s"]
-    print(f"\n{'recipe':<14} {'params':>8} {'tok/s':>8} {'vs seed fp32':>13} {'TFLOP/s':>8} "
+    baseline = results[next(iter(results))]["tok_s"]
+    print(f"\n{'recipe':<20} {'params':>8} {'tok/s':>8} {'vs first':>9} {'TFLOP/s':>8} "
           f"{'MFU(own dtype)':>15} {'MFU(bf16 peak)':>15} {'peak RSS':>9}")
     for name, r in results.items():
-        dtype = RECIPES[name][1]
         tflops = r["tok_s"] * r["flops_per_token"] / 1e12
-        print(f"{name:<14} {r['params_m']:>7.2f}M {r['tok_s']:>8,.0f} {r['tok_s'] / baseline:>12.2f}x "
-              f"{tflops:>8.3f} {tflops / peaks[dtype]:>14.1%} {tflops / peaks['bfloat16']:>14.1%} "
+        print(f"{name:<20} {r['params_m']:>7.2f}M {r['tok_s']:>8,.0f} {r['tok_s'] / baseline:>8.2f}x "
+              f"{tflops:>8.3f} {tflops / peaks[r['dtype']]:>14.1%} {tflops / peaks['bfloat16']:>14.1%} "
               f"{r['peak_rss_mb']:>7,.0f}MB")
-    print(f"\nconfigs: {json.dumps({name: asdict(c) | {'dtype': d} for name, (c, d) in RECIPES.items()})}")
+    for name, r in results.items():
+        print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'} -> {json.dumps(r['config'])}")
 
 
 if __name__ == "__main__":

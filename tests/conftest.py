@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Flags for a model and run small enough to train a few steps in a second or two.
 TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
               "--batch_size", "4", "--grad_accum", "2", "--eval_tokens", "256", "--eval_interval", "1000",
-              "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2"]
+              "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2", "--no-compile"]
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -113,7 +113,7 @@ def test_tiny_model_overfits_one_batch(pos_encoding):
     torch.manual_seed(0)
     model = newgpt.GPT(tiny_config(pos_encoding=pos_encoding))
     cfg = newgpt.TrainConfig(lr=3e-3, weight_decay=0.0)
-    optimizer = newgpt.configure_optimizer(model, cfg, "cpu")
+    optimizer = newgpt.configure_optimizers(model, cfg, "cpu")[0]
     x = torch.randint(0, 300, (4, 32))
     y = torch.roll(x, -1, dims=1)
     _, first = model(x, y)
@@ -135,7 +135,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 def test_weight_decay_applies_to_matrices_only():
     model = newgpt.GPT(tiny_config(bias=True))
-    decay, no_decay = newgpt.configure_optimizer(model, newgpt.TrainConfig(), "cpu").param_groups
+    decay, no_decay = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")[0].param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] > 0
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
 

@@ -57,7 +57,7 @@ def test_checkpoint_round_trip_restores_identical_logits(tmp_path, oasst_file):
     idx = torch.randint(0, model.config.vocab_size, (1, 16))
     assert torch.equal(model.eval()(idx)[0], reloaded.eval()(idx)[0])
     assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
-    assert set(ckpt) >= {"model", "optimizer", "model_config", "train_config", "step", "tokenizer", "rng",
+    assert set(ckpt) >= {"model", "optimizers", "model_config", "train_config", "step", "tokenizer", "rng",
                          "data_position", "val_loss"}
 
 
