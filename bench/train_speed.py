@@ -53,10 +53,10 @@ def flops_per_token(config):
     return 6 * matmul_weights + 12 * L * T * C
 
 
-def run_worker(name, steps, batch_size):
+def run_worker(flags, steps, batch_size):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
-    tokens, with the model, optimizers, precision and compilation the recipe's flags select."""
-    args = newgpt.parse_args(RECIPES[name] + ["--batch_size", str(batch_size), "--grad_accum", "1"])
+    tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
+    args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg = newgpt.configs_from_args(args)
     torch.manual_seed(0)
     model = newgpt.GPT(model_config)
@@ -67,8 +67,10 @@ def run_worker(name, steps, batch_size):
     n_tokens = (steps + 3) * batch_size * model_config.block_size + 1
     ids = np.random.default_rng(0).integers(0, model_config.vocab_size, n_tokens).astype(np.uint16)
     rows = newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), model_config.block_size)
+    started = time.perf_counter()
     for step in range(3):  # warm-up: compilation, allocator, kernel selection
         newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
+    warmup_s = time.perf_counter() - started
     started = time.perf_counter()
     for step in range(3, 3 + steps):
         newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
@@ -76,7 +78,14 @@ def run_worker(name, steps, batch_size):
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
                       "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(model_config),
-                      "dtype": dtype, "config": asdict(model_config) | {"compile": cfg.compile}}))
+                      "dtype": dtype, "warmup_s": warmup_s, "config": asdict(model_config) | {"compile": cfg.compile}}))
+
+
+def measure(flags, steps, batch_size):
+    """Throughput of newgpt.py's training step under `flags`, measured in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(flags), "--steps", str(steps),
+                          "--batch_size", str(batch_size)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -87,16 +96,12 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return run_worker(args.worker, args.steps, args.batch_size)
+        return run_worker(json.loads(args.worker), args.steps, args.batch_size)
 
     peaks = {"float32": matmul_peak_tflops(torch.float32), "bfloat16": matmul_peak_tflops(torch.bfloat16)}
     print(f"matmul peak on {os.cpu_count()} cores: fp32 {peaks['float32']:.2f} TFLOP/s, "
           f"bf16 {peaks['bfloat16']:.2f} TFLOP/s")
-    results = {}
-    for name in args.recipes:
-        out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-                              "--batch_size", str(args.batch_size)], capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {name: measure(RECIPES[name], args.steps, args.batch_size) for name in args.recipes}
     baseline = results[next(iter(results))]["tok_s"]
     print(f"\n{'recipe':<20} {'params':>8} {'tok/s':>8} {'vs first':>9} {'TFLOP/s':>8} "
           f"{'MFU(own dtype)':>15} {'MFU(bf16 peak)':>15} {'peak RSS':>9}")

@@ -1,0 +1,111 @@
+"""Ablations at equal wall-clock time on the real data: each variant of newgpt.py trains for the same
+budget, and the table compares final validation bits per byte.
+
+    python bench/experiments.py --minutes 3                 # every variant below, one after another
+    python bench/experiments.py --minutes 3 --only default muon
+
+For a fair budget each run's cosine schedule must end when its time does, so the script first measures
+the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
+what fits; --max_minutes stops a run that is slower than measured. Compilation time counts against the
+budget, as it does for a user. Runs go to runs/experiments/NAME; results are appended to
+runs/experiments/results.jsonl and printed as a table.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_speed  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
+TRAIN_DATA = [DATA / "oasst/oasst1_en_train.texts.jsonl.gz", DATA / "oasst/oasst_en_100.trees.jsonl.gz",
+              DATA / "oasst/guanaco_llama2_1k.train.jsonl.gz", DATA / "extra/dolly15k_en.jsonl.gz"]
+VAL_DATA = [DATA / "oasst/oasst1_en_validation.messages.jsonl.gz"]
+BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry)
+
+VARIANTS = {
+    "default": [],
+    "learned positions": ["--pos_encoding", "learned"],
+    "muon": ["--optimizer", "muon"],
+    "relu2": ["--mlp_act", "relu2"],
+    "qk_norm": ["--qk_norm"],
+    "biases": ["--bias"],
+    "loss on all tokens": ["--loss_on", "all"],
+    "curriculum 30%": ["--curriculum_steps", "30%"],  # a percentage of the run's steps
+    "vocab 4096": ["--vocab_size", "4096"],
+    "vocab 16384": ["--vocab_size", "16384"],
+    "6 layers x 384": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384"],
+    "lr 2e-3": ["--lr", "2e-3", "--min_lr", "2e-4"],
+    "no compile": ["--no-compile"],
+}
+
+
+def final_validation(metrics_path):
+    records = [json.loads(line) for line in open(metrics_path)]
+    val = [r for r in records if "val_bpb" in r]
+    speed = [r["tok_per_s"] for r in records if "tok_per_s" in r]
+    return val[-1], speed[-1] if speed else None
+
+
+def without_curriculum(flags):
+    """The curriculum changes sequence lengths, so throughput is measured at the full length."""
+    if "--curriculum_steps" not in flags:
+        return flags
+    i = flags.index("--curriculum_steps")
+    return flags[:i] + flags[i + 2:]
+
+
+def run_variant(name, flags, minutes, texts):
+    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=BATCH_SIZE)
+    # Five evaluations take about 15 s; compilation (in warmup_s) happens again in the real run.
+    seconds_for_steps = minutes * 60 - speed["warmup_s"] - 15
+    steps = int(seconds_for_steps * speed["tok_s"] / (BATCH_SIZE * 512))
+    run_flags = [str(int(float(f[:-1]) / 100 * steps)) if f.endswith("%") else f for f in flags]
+    out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
+    command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
+               *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(BATCH_SIZE),
+               "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
+               "--eval_interval", str(max(1, steps // 4)), "--save_interval", str(steps),
+               "--max_minutes", str(minutes * 1.1), *run_flags]
+    if out_dir.exists():
+        subprocess.run(["rm", "-rf", str(out_dir)], check=True)
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed: {result.stderr.strip().splitlines()[-1]}")
+    val, train_tok_s = final_validation(out_dir / "metrics.jsonl")
+    return {"name": name, "flags": " ".join(flags), "steps": val["step"], "planned_steps": steps,
+            "seconds": round(time.time() - started), "tok_s": train_tok_s, "val_bpb": round(val["val_bpb"], 4),
+            "val_loss": round(val["val_loss"], 4)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget per variant")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
+    args = parser.parse_args()
+    results_path = REPO / "runs" / "experiments" / "results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only or VARIANTS:
+        row = run_variant(name, VARIANTS[name], args.minutes, args.texts) | {"minutes": args.minutes}
+        rows.append(row)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name:<22} {row['flags']:<45} steps {row['steps']:>5} tok/s {row['tok_s']:>6} "
+              f"val bpb {row['val_bpb']:.4f}", flush=True)
+    base = next((r["val_bpb"] for r in rows if r["name"] == "default"), None)
+    print(f"\n{'variant':<22} {'steps':>6} {'tok/s':>7} {'val bpb':>8} {'vs default':>11}")
+    for r in rows:
+        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
+        print(f"{r['name']:<22} {r['steps']:>6} {r['tok_s']:>7} {r['val_bpb']:>8.4f} {delta:>11}")
+
+
+if __name__ == "__main__":
+    main()
