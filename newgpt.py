@@ -61,7 +61,7 @@ class GPTConfig:
     pos_encoding: str = field(default="rope", metadata={
         "help": "positional encoding: rotary (RoPE) or a learned table", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
-    mlp_act: str = field(default="gelu", metadata={
+    mlp_act: str = field(default="relu2", metadata={
         "help": "MLP nonlinearity: GELU (GPT-2) or ReLU squared (Primer, So et al. 2021)", "choices": ["gelu", "relu2"]})
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (as in Qwen3)"})
 
@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={
         "help": "autocast precision", "choices": ["auto", "float32", "bfloat16", "float16"]})
     seed: int = field(default=1337, metadata={"help": "seed for the data order and the model init"})
-    optimizer: str = field(default="adamw", metadata={
+    optimizer: str = field(default="muon", metadata={
         "help": "adamw for everything, or muon for the hidden matrices plus adamw for the rest",
         "choices": ["adamw", "muon"]})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})

@@ -42,6 +42,8 @@ VARIANTS = {
     "6 layers x 384": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384"],
     "lr 2e-3": ["--lr", "2e-3", "--min_lr", "2e-4"],
     "no compile": ["--no-compile"],
+    "muon + relu2": ["--optimizer", "muon", "--mlp_act", "relu2"],
+    "muon + relu2 + vocab 16384": ["--optimizer", "muon", "--mlp_act", "relu2", "--vocab_size", "16384"],
 }
 
 
@@ -60,17 +62,17 @@ def without_curriculum(flags):
     return flags[:i] + flags[i + 2:]
 
 
-def run_variant(name, flags, minutes, texts):
+def run_variant(name, flags, minutes, texts, evaluations=4):
     speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=BATCH_SIZE)
-    # Five evaluations take about 15 s; compilation (in warmup_s) happens again in the real run.
-    seconds_for_steps = minutes * 60 - speed["warmup_s"] - 15
+    # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
+    seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
     steps = int(seconds_for_steps * speed["tok_s"] / (BATCH_SIZE * 512))
     run_flags = [str(int(float(f[:-1]) / 100 * steps)) if f.endswith("%") else f for f in flags]
     out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
                *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(BATCH_SIZE),
                "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
-               "--eval_interval", str(max(1, steps // 4)), "--save_interval", str(steps),
+               "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
                "--max_minutes", str(minutes * 1.1), *run_flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
@@ -79,7 +81,7 @@ def run_variant(name, flags, minutes, texts):
     if result.returncode != 0:
         raise SystemExit(f"{name} failed: {result.stderr.strip().splitlines()[-1]}")
     val, train_tok_s = final_validation(out_dir / "metrics.jsonl")
-    return {"name": name, "flags": " ".join(flags), "steps": val["step"], "planned_steps": steps,
+    return {"name": name, "flags": " ".join(flags), "metrics": str(out_dir / "metrics.jsonl"), "steps": val["step"], "planned_steps": steps,
             "seconds": round(time.time() - started), "tok_s": train_tok_s, "val_bpb": round(val["val_bpb"], 4),
             "val_loss": round(val["val_loss"], 4)}
 

@@ -12,10 +12,10 @@ import newgpt
 from conftest import REPO, TINY_FLAGS, oasst_rows, run_newgpt, write_jsonl
 
 
-def tiny_model(pos_encoding, block_size=32):
+def tiny_model(pos_encoding, block_size=32, qk_norm=False):
     torch.manual_seed(0)
     config = newgpt.GPTConfig(vocab_size=300, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                              pos_encoding=pos_encoding)
+                              pos_encoding=pos_encoding, qk_norm=qk_norm)
     return newgpt.GPT(config).eval()
 
 
@@ -40,8 +40,9 @@ def run_chat(*args, stdin="", timeout=120):
 
 
 @pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
-def test_kv_cache_matches_full_forward(pos_encoding):
-    model = tiny_model(pos_encoding)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_matches_full_forward(pos_encoding, qk_norm):
+    model = tiny_model(pos_encoding, qk_norm=qk_norm)
     idx = torch.randint(0, 300, (2, 30))
     full, _ = model(idx)
     cache = newgpt.KVCache(model.config)

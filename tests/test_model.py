@@ -76,10 +76,14 @@ def test_training_rows_cover_an_epoch_without_repeats():
     assert not set(rank0) & set(rank1), "data-parallel ranks read different rows"
 
 
-@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
-def test_changing_a_token_never_changes_earlier_logits(pos_encoding):
+VARIANTS = [{"pos_encoding": "rope"}, {"pos_encoding": "learned", "bias": True},
+            {"qk_norm": True, "mlp_act": "relu2"}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_a_token_never_changes_earlier_logits(variant):
     torch.manual_seed(0)
-    model = newgpt.GPT(tiny_config(pos_encoding=pos_encoding)).eval()
+    model = newgpt.GPT(tiny_config(**variant)).eval()
     idx = torch.randint(0, 300, (1, 20))
     changed = idx.clone()
     changed[0, 12] = (changed[0, 12] + 1) % 300
@@ -108,20 +112,22 @@ def test_forward_returns_logits_and_loss_and_all_masked_targets_give_zero():
     assert masked.item() == 0.0, "a micro-batch with no targets must not produce NaN"
 
 
-@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
-def test_tiny_model_overfits_one_batch(pos_encoding):
+@pytest.mark.parametrize("variant, optimizer", [(VARIANTS[0], "adamw"), (VARIANTS[1], "adamw"),
+                                                (VARIANTS[2], "adamw"), (VARIANTS[0], "muon")])
+def test_tiny_model_overfits_one_batch(variant, optimizer):
     torch.manual_seed(0)
-    model = newgpt.GPT(tiny_config(pos_encoding=pos_encoding))
-    cfg = newgpt.TrainConfig(lr=3e-3, weight_decay=0.0)
-    optimizer = newgpt.configure_optimizers(model, cfg, "cpu")[0]
+    model = newgpt.GPT(tiny_config(**variant))
+    optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(lr=3e-3, weight_decay=0.0,
+                                                                       optimizer=optimizer), "cpu")
     x = torch.randint(0, 300, (4, 32))
     y = torch.roll(x, -1, dims=1)
     _, first = model(x, y)
     for _ in range(150):
         _, loss = model(x, y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
     assert loss.item() < 0.2 * first.item(), f"loss only fell from {first.item():.2f} to {loss.item():.2f}"
 
 
@@ -147,3 +153,24 @@ def test_weight_decay_applies_to_matrices_only():
 def test_impossible_configs_are_rejected(overrides, message):
     with pytest.raises(newgpt.UserError, match=message):
         newgpt.check_model_config(tiny_config(**overrides))
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = newgpt.GPT(tiny_config(bias=True, qk_norm=True))
+    adamw, muon = newgpt.configure_optimizers(model, newgpt.TrainConfig(optimizer="muon"), "cpu")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    adamw_names = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert muon_names == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
+    assert "lm_head.weight" in adamw_names and not muon_names & adamw_names
+    assert muon_names | adamw_names == set(names.values()), "every parameter is optimised exactly once"
+
+
+def test_seed_recipe_sets_the_original_configuration_and_flags_still_win():
+    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed"]))
+    assert (model_config.n_layer, model_config.n_head, model_config.n_embd) == (4, 4, 256)
+    assert model_config.pos_encoding == "learned" and model_config.bias and cfg.dtype == "float32"
+    assert cfg.optimizer == "adamw" and not cfg.compile
+    overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
+    assert overridden.n_layer == 2

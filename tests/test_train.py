@@ -61,9 +61,11 @@ def test_checkpoint_round_trip_restores_identical_logits(tmp_path, oasst_file):
                          "data_position", "val_loss"}
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, oasst_file):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, oasst_file, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--max_steps", "6", "--save_interval", "3", "--keep_last", "0", "--dropout", "0.1"]
+    flags = ["--max_steps", "6", "--save_interval", "3", "--keep_last", "0", "--dropout", "0.1",
+             "--optimizer", optimizer, "--curriculum_steps", "2"]
     assert run_newgpt(*train_args(oasst_file, straight, *flags), cwd=tmp_path).returncode == 0
     resumed.mkdir()
     for name in ["gpt_step0003.pt", *[p.name for p in straight.glob("tokenizer-*.json")]]:
@@ -170,3 +172,12 @@ def test_torchrun_two_cpu_processes_train_and_save(tmp_path, oasst_file):
     assert "2 processes" in result.stdout
     _, _, ckpt = newgpt.load_checkpoint(out)
     assert ckpt["step"] == 3 and ckpt["data_position"]["rows_consumed"] == 3 * 2 * 2 * 4
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_state_dicts(tmp_path, oasst_file):
+    out = tmp_path / "ckpt"
+    result = run_newgpt(*train_args(oasst_file, out, "--max_steps", "2", "--compile"), cwd=tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr
+    _, _, ckpt = newgpt.load_checkpoint(out)
+    assert not any("_orig_mod" in key for key in ckpt["model"]), "checkpoints hold the uncompiled model's keys"
