@@ -163,7 +163,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     adamw_names = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
     assert muon_names == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
-    assert "lm_head.weight" in adamw_names and not muon_names & adamw_names
+    assert "transformer.wte.weight" in adamw_names and not muon_names & adamw_names, "the tied embedding is AdamW's"
     assert muon_names | adamw_names == set(names.values()), "every parameter is optimised exactly once"
 
 
