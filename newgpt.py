@@ -10,10 +10,11 @@ The file reads top to bottom as the pipeline runs:
   -> tokenizer (byte-level BPE + chat special tokens) -> batches (packed rows, cached on disk)
   -> training loop (eval -> checkpoint -> micro-batches -> clip -> step -> log) -> main()
 
-Design choices: pre-norm blocks, causal attention through F.scaled_dot_product_attention, RoPE or learned
-positions, no biases by default, tied input/output embeddings, loss on assistant tokens only by default,
-AdamW (decay on matrices only) with linear warmup and cosine decay, bf16 autocast where the hardware has
-it, atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat format
+Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention through
+F.scaled_dot_product_attention, RoPE (or learned positions), ReLU^2 MLPs, no biases, tied input/output
+embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on matrices only) for
+the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and torch.compile;
+atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat format
 from here, so training and chatting can never disagree.
 """
 
@@ -563,22 +564,24 @@ def build_texts(cfg):
                         f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
     if not val:
         raise UserError("no validation conversations: give --val_data or more data")
-    build = {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
-             "max_samples": cfg.max_samples}
-    return {"format": "tinygpt-texts-v1", "build": build, "sha256": content_hash([train, val]),
+    return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val]),
             "stats": {"seconds": round(time.time() - started, 1), "dropped_as_in_val": before - len(train)},
             "train": train, "val": val}
+
+
+def build_options(cfg):
+    """What train_texts.json depends on: a file built with other options is rebuilt."""
+    return {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
+            "max_samples": cfg.max_samples}
 
 
 def load_or_build_texts(cfg):
     """train_texts.json is reused when it was built from the same sources and options, or when it has no
     build record at all (a user's own file in the same format); otherwise it is rebuilt."""
     path = Path(cfg.texts)
-    build = {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
-             "max_samples": cfg.max_samples}
     if path.is_file():
         texts = read_texts_file(path)
-        if texts.get("build", build) == build:
+        if texts.get("build", build_options(cfg)) == build_options(cfg):
             return texts, "reused"
     texts = build_texts(cfg)
     atomic_write_text(path, json.dumps(texts, ensure_ascii=False))
