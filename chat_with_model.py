@@ -133,8 +133,8 @@ def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=T
 class Utf8Stream:
     """Token ids in, printable text out: bytes are held back until they complete a UTF-8 character."""
 
-    def __init__(self, tokenizer):
-        self.table = token_bytes(tokenizer)
+    def __init__(self, table):
+        self.table = table  # token_bytes(tokenizer): the raw bytes of each token id
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id):
@@ -161,6 +161,7 @@ class Chat:
         self.max_input_chars = 32 * model.config.block_size
         self.assistant_id = tokenizer.token_to_id("<|assistant|>")
         self.end_id = tokenizer.token_to_id("<|end|>")
+        self.token_table = token_bytes(tokenizer)
 
     def reset(self):
         self.history = []
@@ -201,7 +202,7 @@ class Chat:
     def stream_reply(self, prompt_ids):
         """Yield the answer's text in pieces as it is generated; the answer joins the history, also when
         the caller stops early (Ctrl-C)."""
-        stream, pieces = Utf8Stream(self.tokenizer), []
+        stream, pieces = Utf8Stream(self.token_table), []
         self.last_answer_tokens = 0
         try:
             for token_id in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,

@@ -20,6 +20,7 @@ from here, so training and chatting can never disagree.
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -735,7 +736,9 @@ class PackedRows:
         return x, y
 
 
+@functools.lru_cache(maxsize=2)
 def row_order(n_rows, seed, epoch):
+    """The seeded shuffle of one epoch; cached, since every micro-batch of the epoch reads it."""
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 

@@ -125,7 +125,7 @@ def test_set_command_validates_every_value():
 
 def test_utf8_stream_never_prints_broken_characters(tokenizer):
     text = "Grüße! 🙂👍🏽 你好，世界 — 東京 🇫🇷"
-    stream = chat.Utf8Stream(tokenizer)
+    stream = chat.Utf8Stream(newgpt.token_bytes(tokenizer))
     pieces = [stream.push(i) for i in tokenizer.encode(text).ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces), "no replacement characters mid-stream"
