@@ -580,9 +580,10 @@ def load_or_build_texts(cfg):
     """train_texts.json is reused when it was built from the same sources and options, or when it has no
     build record at all (a user's own file in the same format); otherwise it is rebuilt."""
     path = Path(cfg.texts)
+    options = build_options(cfg)
     if path.is_file():
         texts = read_texts_file(path)
-        if texts.get("build", build_options(cfg)) == build_options(cfg):
+        if texts.get("build", options) == options:
             return texts, "reused"
     texts = build_texts(cfg)
     atomic_write_text(path, json.dumps(texts, ensure_ascii=False))
@@ -980,12 +981,13 @@ def prepare_data(cfg, model_config, rank, world_size, log, resumed_tokenizer=Non
             arrays = {split: cached_token_arrays(tokenizer, tokenizer_sha, texts[split], texts["sha256"], split,
                                                  Path(cfg.out_dir) / "data") for split in ("train", "val")}
         barrier(world_size)
-    token_bytes = token_byte_lengths(tokenizer)[arrays["train"][0]]
+    train_token_bytes = token_byte_lengths(tokenizer)[arrays["train"][0]]
     n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
     log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
         f"{n_messages['train']:,} / {n_messages['val']:,} messages, "
         f"{len(arrays['train'][0]):,} / {len(arrays['val'][0]):,} tokens, "
-        f"{token_bytes.sum() / max(1, (token_bytes > 0).sum()):.2f} bytes/token, {time.time() - started:.1f}s")
+        f"{train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
+        f"{time.time() - started:.1f}s")
     return texts, tokenizer, tokenizer_path, tokenizer_sha, arrays
 
 
@@ -1100,6 +1102,9 @@ def train(cfg, model_config):
         raise UserError(f"--resume: {resume_path} was trained on other data than {cfg.texts}; "
                         f"use the same --data and --texts to continue it")
     model_config.vocab_size = tokenizer.get_vocab_size()
+    if cfg.curriculum_steps and model_config.block_size % 4:
+        raise UserError(f"--curriculum_steps cuts rows into quarters: block_size {model_config.block_size} "
+                        f"must be divisible by 4")
     train_rows = PackedRows(*arrays["train"], model_config.block_size, cfg.loss_on)
     val_rows = PackedRows(*arrays["val"], model_config.block_size, "assistant", tokenizer.token_to_id("<|pad|>"))
     if train_rows.n_rows < 1 or val_rows.n_rows < 1:

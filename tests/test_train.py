@@ -148,12 +148,14 @@ def cli_error_cases(tmp_path, oasst_file):
         "bad device": (["--data", oasst_file, "--device", "tpu"], ["--device"]),
         "no network": (["--data", "OpenAssistant/oasst2"], ["--data PATH"]),
         "german only": (["--data", only_german], ["no usable training"]),
+        "curriculum on odd block": (["--data", oasst_file, "--block_size", "30", "--curriculum_steps", "2"],
+                                    ["divisible by 4"]),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "no match for language", "unknown language", "heads",
                                   "block", "unwritable ckpt dir", "bad flag value", "zero steps", "bad device",
-                                  "no network", "german only"])
+                                  "no network", "german only", "curriculum on odd block"])
 def test_cli_errors_are_one_line_and_non_zero(tmp_path, oasst_file, case):
     args, fragments = cli_error_cases(tmp_path, oasst_file)[case]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
