@@ -19,6 +19,7 @@ from here, so training and chatting can never disagree.
 """
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import gzip
@@ -790,6 +791,19 @@ def pick_dtype(requested, device):
     return requested
 
 
+def keep_freed_memory():
+    """glibc serves big blocks (the 64 MB logits, their gradient) with fresh mmap pages and unmaps them on
+    free, so every step would page-fault them in again: a (4096, 256) @ (256, 8192) bf16 matmul took 26 ms
+    instead of 7. Keeping freed memory in the heap made the default training step 17% faster on CPU."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator behaves differently
+        pass
+
+
 def autocast_context(device, dtype):
     if dtype == "float32":
         return nullcontext()
@@ -1095,6 +1109,8 @@ def train(cfg, model_config):
         if master and not resumed_tokenizer.is_file():
             shutil.copyfile(resume_path.parent / ckpt["tokenizer"]["file"], resumed_tokenizer)
     dtype = pick_dtype(cfg.dtype, device)
+    if device == "cpu":
+        keep_freed_memory()
 
     texts, tokenizer, tokenizer_path, tokenizer_sha, arrays = prepare_data(
         cfg, model_config, rank, world_size, log, resumed_tokenizer)

@@ -58,6 +58,7 @@ def run_worker(flags, steps, batch_size):
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg = newgpt.configs_from_args(args)
+    newgpt.keep_freed_memory()  # as newgpt.train does on CPU
     torch.manual_seed(0)
     model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
