@@ -26,7 +26,7 @@ DATA = REPO.parent / "shared" / "data"
 TRAIN_DATA = [DATA / "oasst/oasst1_en_train.texts.jsonl.gz", DATA / "oasst/oasst_en_100.trees.jsonl.gz",
               DATA / "oasst/guanaco_llama2_1k.train.jsonl.gz", DATA / "extra/dolly15k_en.jsonl.gz"]
 VAL_DATA = [DATA / "oasst/oasst1_en_validation.messages.jsonl.gz"]
-BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry)
+BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry) unless a variant sets it
 
 VARIANTS = {
     "default": [],
@@ -44,6 +44,10 @@ VARIANTS = {
     "no compile": ["--no-compile"],
     "muon + relu2": ["--optimizer", "muon", "--mlp_act", "relu2"],
     "muon + relu2 + vocab 16384": ["--optimizer", "muon", "--mlp_act", "relu2", "--vocab_size", "16384"],
+    "batch 16": ["--batch_size", "16"],
+    "2 heads": ["--n_head", "2"],
+    "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],
+    "4 layers x 512": ["--n_embd", "512"],
 }
 
 
@@ -62,15 +66,20 @@ def without_curriculum(flags):
     return flags[:i] + flags[i + 2:]
 
 
+def flag_value(flags, name, default):
+    return type(default)(flags[flags.index(name) + 1]) if name in flags else default
+
+
 def run_variant(name, flags, minutes, texts, evaluations=4):
-    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=BATCH_SIZE)
+    batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
+    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=batch_size)
     # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
     seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
-    steps = int(seconds_for_steps * speed["tok_s"] / (BATCH_SIZE * 512))
+    steps = int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
     run_flags = [str(int(float(f[:-1]) / 100 * steps)) if f.endswith("%") else f for f in flags]
     out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
-               *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(BATCH_SIZE),
+               *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
                "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
                "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
                "--max_minutes", str(minutes * 1.1), *run_flags]
