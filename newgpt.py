@@ -58,7 +58,7 @@ class GPTConfig:
     vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary size, chat special tokens included"})
     block_size: int = field(default=512, metadata={"help": "context length in tokens"})
     n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
+    n_head: int = field(default=2, metadata={"help": "attention heads per block"})
     n_embd: int = field(default=256, metadata={"help": "embedding width; must be divisible by n_head"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 is best for a single epoch)"})
     pos_encoding: str = field(default="rope", metadata={
@@ -111,6 +111,8 @@ class TrainConfig:
     compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})
     curriculum_steps: int = field(default=0, metadata={
         "help": "for this many first steps train on quarter-length sequences (same tokens per step)"})
+    all_tokens_steps: int = field(default=0, metadata={
+        "help": "for this many first steps put the loss on every token, then on --loss_on's tokens"})
 
 
 HF_DATASET = "OpenAssistant/oasst2"
@@ -728,12 +730,13 @@ class PackedRows:
         self.n_rows = (len(ids) - 1) // block_size
         self.ids, self.mask, self.loss_on = ids, mask, loss_on
 
-    def get(self, rows):
+    def get(self, rows, loss_on=None):
+        """Inputs and targets (B, T) for these rows; loss_on overrides the targets' mask for this call."""
         T = self.block_size
         starts = np.asarray(rows)[:, None] * T + np.arange(T + 1)  # (B, T+1)
         chunk = torch.from_numpy(self.ids[starts].astype(np.int64))
         x, y = chunk[:, :-1], chunk[:, 1:].clone()
-        if self.loss_on == "assistant":
+        if (loss_on or self.loss_on) == "assistant":
             y[torch.from_numpy(self.mask[starts[:, 1:]] == 0)] = IGNORE_INDEX
         return x, y
 
@@ -1075,7 +1078,8 @@ def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, devic
         group["lr"] = lr
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
-        x, y = train_rows.get(training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows))
+        rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
+        x, y = train_rows.get(rows, loss_on="all" if step < cfg.all_tokens_steps else None)
         if step < cfg.curriculum_steps:  # curriculum: the same tokens as 4x more rows of quarter length
             x, y = x.reshape(-1, x.size(1) // 4), y.reshape(-1, y.size(1) // 4)  # (4B, T/4)
         x, y = x.to(device), y.to(device)
@@ -1260,7 +1264,8 @@ def build_parser():
 RECIPES = {
     "default": {},
     "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
-             "qk_norm": False, "dtype": "float32", "optimizer": "adamw", "compile": False, "curriculum_steps": 0},
+             "qk_norm": False, "dtype": "float32", "optimizer": "adamw", "compile": False, "curriculum_steps": 0,
+             "all_tokens_steps": 0},
 }
 
 

@@ -44,10 +44,12 @@ VARIANTS = {
     "no compile": ["--no-compile"],
     "muon + relu2": ["--optimizer", "muon", "--mlp_act", "relu2"],
     "muon + relu2 + vocab 16384": ["--optimizer", "muon", "--mlp_act", "relu2", "--vocab_size", "16384"],
+    "all tokens, then assistant 30%": ["--all_tokens_steps", "30%"],
     "batch 16": ["--batch_size", "16"],
     "2 heads": ["--n_head", "2"],
     "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],
-    "4 layers x 512": ["--n_embd", "512"],
+    "4 heads of 64 dims": ["--n_head", "4"],
+    "4 layers x 512": ["--n_embd", "512", "--n_head", "4"],  # heads of 128 dims, as the default's
 }
 
 

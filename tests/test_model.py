@@ -61,6 +61,7 @@ def test_packed_rows_shift_targets_and_mask_prompter_tokens():
     assert y.tolist() == [[9, -1, 11, -1, 13, -1, 15, -1]], "targets shift by one; unmasked are ignored"
     _, y_all = newgpt.PackedRows(ids, mask, 8, loss_on="all").get([1])
     assert y_all.tolist() == [list(range(9, 17))]
+    assert rows.get([1], loss_on="all")[1].tolist() == y_all.tolist(), "the all-tokens curriculum phase"
     padded = newgpt.PackedRows(ids, mask, 8, loss_on="assistant", pad_id=0)
     assert padded.n_rows == 13, "evaluation pads the last partial row instead of dropping it"
     x_last, y_last = padded.get([12])

@@ -65,7 +65,7 @@ def test_checkpoint_round_trip_restores_identical_logits(tmp_path, oasst_file):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, oasst_file, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--max_steps", "6", "--save_interval", "3", "--keep_last", "0", "--dropout", "0.1",
-             "--optimizer", optimizer, "--curriculum_steps", "2"]
+             "--optimizer", optimizer, "--curriculum_steps", "2", "--all_tokens_steps", "4"]
     assert run_newgpt(*train_args(oasst_file, straight, *flags), cwd=tmp_path).returncode == 0
     resumed.mkdir()
     for name in ["gpt_step0003.pt", *[p.name for p in straight.glob("tokenizer-*.json")]]:
