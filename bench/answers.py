@@ -1,8 +1,10 @@
 """Answers of several checkpoints to the same five prompts, side by side, with the chat's default sampling.
 
     python bench/answers.py runs/experiments/seed_recipe runs/experiments/default
+    python bench/answers.py --table runs/experiments/seed_recipe runs/experiments/default   # for README
 
-Each prompt is a fresh conversation; the seed is fixed, so a rerun prints the same text.
+Each prompt is a fresh conversation; the seed is fixed, so a rerun prints the same text. --table prints one
+markdown row per prompt, with the answers' newlines as <br> and their pipes escaped, and nothing else changed.
 """
 
 import argparse
@@ -17,20 +19,34 @@ PROMPTS = ["What is the capital of France?", "Give me three tips for staying hea
            "Write a short poem about the sea.", "How do I reverse a list in Python?", "What is machine learning?"]
 
 
+def answer(model, tokenizer, prompt, max_new_tokens):
+    session = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(max_new_tokens=max_new_tokens), "cpu", "float32")
+    prompt_ids, _ = session.add_user_turn(prompt)
+    return "".join(session.stream_reply(prompt_ids)).strip()
+
+
+def table_row(cells):
+    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", "<br>") for cell in cells) + " |"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files or directories")
     parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--table", action="store_true", help="one markdown table row per prompt")
     args = parser.parse_args()
     loaded = {path: newgpt.load_checkpoint(path)[:2] for path in args.checkpoints}
+    if args.table:
+        print(table_row(["prompt", *args.checkpoints]))
+        print(table_row(["---"] * (len(args.checkpoints) + 1)))
     for prompt in PROMPTS:
+        answers = [answer(model, tokenizer, prompt, args.max_new_tokens) for model, tokenizer in loaded.values()]
+        if args.table:
+            print(table_row([prompt, *answers]))
+            continue
         print(f"### {prompt}\n")
-        for path, (model, tokenizer) in loaded.items():
-            sampling = chat.SamplingConfig(max_new_tokens=args.max_new_tokens)
-            session = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
-            prompt_ids, _ = session.add_user_turn(prompt)
-            answer = "".join(session.stream_reply(prompt_ids)).strip()
-            print(f"**{path}:** {answer}\n")
+        for path, text in zip(loaded, answers):
+            print(f"**{path}:** {text}\n")
 
 
 if __name__ == "__main__":
