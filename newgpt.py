@@ -11,8 +11,8 @@ The file reads top to bottom as the pipeline runs:
   -> training loop (eval -> checkpoint -> micro-batches -> clip -> step -> log) -> main()
 
 Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention through
-F.scaled_dot_product_attention, RoPE (or learned positions), ReLU^2 MLPs, no biases, tied input/output
-embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on matrices only) for
+F.scaled_dot_product_attention with heads of 128 dims, RoPE (or learned positions), ReLU^2 MLPs, no biases,
+tied input/output embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on matrices only) for
 the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and torch.compile;
 atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat format
 from here, so training and chatting can never disagree.

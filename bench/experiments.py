@@ -60,12 +60,15 @@ def final_validation(metrics_path):
     return val[-1], speed[-1] if speed else None
 
 
-def without_curriculum(flags):
-    """The curriculum changes sequence lengths, so throughput is measured at the full length."""
-    if "--curriculum_steps" not in flags:
-        return flags
-    i = flags.index("--curriculum_steps")
-    return flags[:i] + flags[i + 2:]
+def without_schedules(flags):
+    """Throughput is measured at the full sequence length (the curriculum changes it), and the schedules'
+    step counts may still be percentages of the run, which is what the measurement sizes."""
+    kept = list(flags)
+    for name in ("--curriculum_steps", "--all_tokens_steps"):
+        if name in kept:
+            i = kept.index(name)
+            del kept[i:i + 2]
+    return kept
 
 
 def flag_value(flags, name, default):
@@ -74,7 +77,7 @@ def flag_value(flags, name, default):
 
 def run_variant(name, flags, minutes, texts, evaluations=4):
     batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
-    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=batch_size)
+    speed = train_speed.measure(without_schedules(flags), steps=4, batch_size=batch_size)
     # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
     seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
     steps = int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
