@@ -31,8 +31,11 @@ RECIPES = {
     "seed +bf16": ["--recipe", "seed", "--dtype", "bfloat16"],
     "seed +bf16 +compile": ["--recipe", "seed", "--dtype", "bfloat16", "--compile"],
     "default -compile": ["--no-compile"],
+    "default, plain malloc": [],  # without newgpt.keep_freed_memory()
+    "default, 4 heads of 64": ["--n_head", "4"],
     "default": [],
 }
+PLAIN_MALLOC = {"default, plain malloc"}
 
 
 def matmul_peak_tflops(dtype, n=2048, repeats=10):
@@ -53,12 +56,13 @@ def flops_per_token(config):
     return 6 * matmul_weights + 12 * L * T * C
 
 
-def run_worker(flags, steps, batch_size):
+def run_worker(flags, steps, batch_size, keep_memory):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg = newgpt.configs_from_args(args)
-    newgpt.keep_freed_memory()  # as newgpt.train does on CPU
+    if keep_memory:
+        newgpt.keep_freed_memory()  # as newgpt.train does on CPU
     torch.manual_seed(0)
     model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
@@ -82,10 +86,11 @@ def run_worker(flags, steps, batch_size):
                       "dtype": dtype, "warmup_s": warmup_s, "config": asdict(model_config) | {"compile": cfg.compile}}))
 
 
-def measure(flags, steps, batch_size):
+def measure(flags, steps, batch_size, keep_memory=True):
     """Throughput of newgpt.py's training step under `flags`, measured in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(flags), "--steps", str(steps),
-                          "--batch_size", str(batch_size)], capture_output=True, text=True, check=True)
+                          "--batch_size", str(batch_size), *([] if keep_memory else ["--plain_malloc"])],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -95,14 +100,16 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8, help="rows of block_size tokens per step")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plain_malloc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return run_worker(json.loads(args.worker), args.steps, args.batch_size)
+        return run_worker(json.loads(args.worker), args.steps, args.batch_size, not args.plain_malloc)
 
     peaks = {"float32": matmul_peak_tflops(torch.float32), "bfloat16": matmul_peak_tflops(torch.bfloat16)}
     print(f"matmul peak on {os.cpu_count()} cores: fp32 {peaks['float32']:.2f} TFLOP/s, "
           f"bf16 {peaks['bfloat16']:.2f} TFLOP/s")
-    results = {name: measure(RECIPES[name], args.steps, args.batch_size) for name in args.recipes}
+    results = {name: measure(RECIPES[name], args.steps, args.batch_size, name not in PLAIN_MALLOC)
+               for name in args.recipes}
     baseline = results[next(iter(results))]["tok_s"]
     print(f"\n{'recipe':<20} {'params':>8} {'tok/s':>8} {'vs first':>9} {'TFLOP/s':>8} "
           f"{'MFU(own dtype)':>15} {'MFU(bf16 peak)':>15} {'peak RSS':>9}")
@@ -112,7 +119,8 @@ def main():
               f"{tflops:>8.3f} {tflops / peaks[r['dtype']]:>14.1%} {tflops / peaks['bfloat16']:>14.1%} "
               f"{r['peak_rss_mb']:>7,.0f}MB")
     for name, r in results.items():
-        print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'} -> {json.dumps(r['config'])}")
+        malloc = ", without keep_freed_memory()" if name in PLAIN_MALLOC else ""
+        print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'}{malloc} -> {json.dumps(r['config'])}")
 
 
 if __name__ == "__main__":
