@@ -12,10 +12,10 @@ The file reads top to bottom as the pipeline runs:
 
 Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention through
 F.scaled_dot_product_attention with heads of 128 dims, RoPE (or learned positions), ReLU^2 MLPs, no biases,
-tied input/output embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on matrices only) for
-the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and torch.compile;
-atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat format
-from here, so training and chatting can never disagree.
+tied input/output embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on
+matrices only) for the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and
+torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat
+format from here, so training and chatting can never disagree.
 """
 
 import argparse
@@ -60,12 +60,14 @@ class GPTConfig:
     n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=2, metadata={"help": "attention heads per block"})
     n_embd: int = field(default=256, metadata={"help": "embedding width; must be divisible by n_head"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability (0 is best for a single epoch)"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout probability (0: the default 3-epoch run does not overfit)"})
     pos_encoding: str = field(default="rope", metadata={
         "help": "positional encoding: rotary (RoPE) or a learned table", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
     mlp_act: str = field(default="relu2", metadata={
-        "help": "MLP nonlinearity: GELU (GPT-2) or ReLU squared (Primer, So et al. 2021)", "choices": ["gelu", "relu2"]})
+        "help": "MLP nonlinearity: GELU (GPT-2) or ReLU squared (Primer, So et al. 2021)",
+        "choices": ["gelu", "relu2"]})
     qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (as in Qwen3)"})
 
 
@@ -86,7 +88,8 @@ class TrainConfig:
         "help": "continue from 'latest' (bare --resume) or a checkpoint path"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=6800, metadata={"help": "optimizer steps in total (6,800: 30 min on 2 CPU cores)"})
+    max_steps: int = field(default=6800, metadata={
+        "help": "optimizer steps in total (6,800 take 30 minutes on 2 CPU cores)"})
     max_minutes: float = field(default=0.0, metadata={
         "help": "stop (and save) after this many minutes (0: no limit)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})

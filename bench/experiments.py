@@ -95,8 +95,8 @@ def run_variant(name, flags, minutes, texts, evaluations=4):
     if result.returncode != 0:
         raise SystemExit(f"{name} failed: {result.stderr.strip().splitlines()[-1]}")
     val, train_tok_s = final_validation(out_dir / "metrics.jsonl")
-    return {"name": name, "flags": " ".join(flags), "metrics": str(out_dir / "metrics.jsonl"), "steps": val["step"], "planned_steps": steps,
-            "seconds": round(time.time() - started), "tok_s": train_tok_s, "val_bpb": round(val["val_bpb"], 4),
+    return {"name": name, "flags": " ".join(flags), "metrics": str(out_dir / "metrics.jsonl"), "steps": val["step"],
+            "planned_steps": steps, "seconds": round(time.time() - started), "tok_s": train_tok_s, "val_bpb": round(val["val_bpb"], 4),
             "val_loss": round(val["val_loss"], 4)}
 
 
