@@ -20,7 +20,8 @@ PROMPTS = ["What is the capital of France?", "Give me three tips for staying hea
 
 
 def answer(model, tokenizer, prompt, max_new_tokens):
-    session = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(max_new_tokens=max_new_tokens), "cpu", "float32")
+    sampling = chat.SamplingConfig(max_new_tokens=max_new_tokens)
+    session = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
     prompt_ids, _ = session.add_user_turn(prompt)
     return "".join(session.stream_reply(prompt_ids)).strip()
 
