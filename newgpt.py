@@ -10,12 +10,12 @@ The file reads top to bottom as the pipeline runs:
   -> tokenizer (byte-level BPE + chat special tokens) -> batches (packed rows, cached on disk)
   -> training loop (eval -> checkpoint -> micro-batches -> clip -> step -> log) -> main()
 
-Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention through
-F.scaled_dot_product_attention with heads of 128 dims, RoPE (or learned positions), ReLU^2 MLPs, no biases,
-tied input/output embeddings, loss on assistant tokens; Muon for the blocks' matrices and AdamW (decay on
-matrices only) for the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and
-torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the chat
-format from here, so training and chatting can never disagree.
+Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention with heads
+of 128 dims (written out on CPU, F.scaled_dot_product_attention elsewhere), RoPE (or learned positions),
+ReLU^2 MLPs, no biases, tied input/output embeddings, loss on assistant tokens; Muon (batched Newton-Schulz)
+for the blocks' matrices and AdamW (decay on matrices only) for the rest, linear warmup then cosine decay;
+bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
+chat_with_model.py imports the model and the chat format from here, so training and chatting can never disagree.
 """
 
 import argparse
@@ -161,6 +161,10 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    # PyTorch's CPU flash-attention kernel computes at fp32 speed. On CPU the explicit softmax(q k^T) v runs its
+    # matmuls in bf16, and the default config trains 1.26x faster with it (bench/train_speed.py, "default, SDPA
+    # on CPU"); its T x T scores take 1 MB per head and row at T = 512. Elsewhere the fused kernel wins.
+    sdpa_on_cpu = False
 
     def __init__(self, config):
         super().__init__()
@@ -172,6 +176,10 @@ class CausalSelfAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
+        # Added to the scores: -inf above the diagonal, so no position attends to a later one. Not persistent:
+        # derived from the config. A stored table compiles to faster code than a mask built in forward.
+        causal_bias = torch.full((config.block_size, config.block_size), float("-inf")).triu(1)
+        self.register_buffer("causal_bias", causal_bias, persistent=False)
 
     def forward(self, x, rope=None, kv_cache=None, layer=0):
         B, T, C = x.size()
@@ -190,9 +198,21 @@ class CausalSelfAttention(nn.Module):
             assert T == 1 or kv_cache.length == 0, "prefill must start from an empty cache"
             k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
+        if q.device.type == "cpu" and not self.sdpa_on_cpu:
+            y = self.explicit_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def explicit_attention(self, q, k, v, dropout_p):
+        """softmax(q k^T / sqrt(hs) + causal mask) v. The softmax runs in fp32, the matmuls in q's dtype."""
+        T, S = q.size(2), k.size(2)
+        scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+        if T > 1:  # a prefill or a training row: positions 0..T-1 (one new token sees every cached key)
+            scores = scores + self.causal_bias[:T, :S]
+        weights = F.dropout(F.softmax(scores, dim=-1), p=dropout_p).to(v.dtype)
+        return weights @ v  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -817,6 +837,57 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def orthogonalize(G, steps=5, eps=1e-7):
+    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix, for a stack G (n, rows, cols) with
+    rows <= cols. The quintic's coefficients (Jordan et al. 2024) trade exactness for speed: singular values
+    land in about [0.7, 1.2] after 5 steps, which trains as well as the exact U V^T. Runs in bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT  # (n, rows, rows)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + b A X + c A^2 X
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for 2-D hidden matrices: Nesterov momentum whose update is orthogonalised,
+    so that every direction of the matrix moves by a similar amount. The step is scaled by
+    0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025), so that one learning rate and
+    schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
+    (tests/test_model.py checks that), but orthogonalises same-shaped matrices together in batched matmuls,
+    which makes the default config train 1.11x faster on CPU (bench/train_speed.py, "default,
+    torch.optim.Muon")."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # Nesterov: look one step ahead
+            # Tall matrices are orthogonalised transposed, so (1024, 256) and (256, 1024) share one batch.
+            wide = [u if u.size(0) <= u.size(1) else u.mT for u in updates]
+            by_shape = defaultdict(list)
+            for i, u in enumerate(wide):
+                by_shape[u.shape].append(i)
+            for (rows, cols), indices in by_shape.items():
+                ortho = orthogonalize(torch.stack([wide[i] for i in indices]), group["ns_steps"])
+                step_size = group["lr"] * 0.2 * math.sqrt(cols)
+                for i, o in zip(indices, ortho):
+                    p = params[i]
+                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                    p.add_(o if o.shape == p.shape else o.mT, alpha=-step_size)
+
+
 def configure_optimizers(model, cfg, device):
     """A list of optimizers that together cover every parameter. AdamW decays matrices (embeddings and
     linear weights), never gains or biases. With --optimizer muon, the blocks' hidden matrices go to Muon
@@ -831,8 +902,7 @@ def configure_optimizers(model, cfg, device):
     fused = device.split(":")[0] in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
     if hidden:
-        optimizers.append(torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay))
     return optimizers
 
 

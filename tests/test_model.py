@@ -159,13 +159,44 @@ def test_impossible_configs_are_rejected(overrides, message):
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = newgpt.GPT(tiny_config(bias=True, qk_norm=True))
     adamw, muon = newgpt.configure_optimizers(model, newgpt.TrainConfig(optimizer="muon"), "cpu")
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, newgpt.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     muon_names = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     adamw_names = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
     assert muon_names == {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")}
     assert "transformer.wte.weight" in adamw_names and not muon_names & adamw_names, "the tied embedding is AdamW's"
     assert muon_names | adamw_names == set(names.values()), "every parameter is optimised exactly once"
+
+
+def test_batched_muon_matches_torch_muon():
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 32), (128, 32), (32, 128), (96, 32)]  # tall, square, tall and wide sharing a batch
+    ours = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    optimizers = [newgpt.Muon(ours, lr=0.01, weight_decay=0.1),
+                  torch.optim.Muon(theirs, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b, shape in zip(ours, theirs, shapes):
+        assert torch.allclose(a, b, atol=1e-5), f"{shape}: differs by {(a - b).abs().max().item():.2g}"
+    assert optimizers[0].state[ours[0]]["momentum_buffer"].shape == shapes[0], "state is torch's, per parameter"
+
+
+def test_explicit_cpu_attention_matches_sdpa():
+    torch.manual_seed(0)
+    model = newgpt.GPT(tiny_config())
+    idx = torch.randint(0, 300, (2, 32))
+    explicit, _ = model(idx)
+    newgpt.CausalSelfAttention.sdpa_on_cpu = True
+    try:
+        fused, _ = model(idx)
+    finally:
+        newgpt.CausalSelfAttention.sdpa_on_cpu = False
+    assert torch.allclose(explicit, fused, atol=1e-5), f"differs by {(explicit - fused).abs().max().item():.2g}"
 
 
 def test_seed_recipe_sets_the_original_configuration_and_flags_still_win():
