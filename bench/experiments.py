@@ -3,6 +3,7 @@ budget, and the table compares final validation bits per byte.
 
     python bench/experiments.py --minutes 3                 # every variant below, one after another
     python bench/experiments.py --minutes 3 --only default muon
+    python bench/experiments.py --minutes 8 --steps 1400 --only default "warmup 300"   # equal steps
 
 For a fair budget each run's cosine schedule must end when its time does, so the script first measures
 the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
@@ -52,6 +53,8 @@ VARIANTS = {
     "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],
     "4 heads of 64 dims": ["--n_head", "4"],
     "4 layers x 512": ["--n_embd", "512", "--n_head", "4"],  # heads of 128 dims, as the default's
+    "warmup 25": ["--warmup_steps", "25"],
+    "warmup 300": ["--warmup_steps", "300"],
 }
 
 
@@ -77,12 +80,17 @@ def flag_value(flags, name, default):
     return type(default)(flags[flags.index(name) + 1]) if name in flags else default
 
 
-def run_variant(name, flags, minutes, texts, evaluations=4):
-    batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
+def planned_steps(flags, minutes, batch_size, evaluations):
+    """How many steps of this variant fit in `minutes`, from a short measurement of its throughput."""
     speed = train_speed.measure(without_schedules(flags), steps=4, batch_size=batch_size)
     # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
     seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
-    steps = int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
+    return int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
+
+
+def run_variant(name, flags, minutes, texts, fixed_steps=0, evaluations=4):
+    batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
+    steps = fixed_steps or planned_steps(flags, minutes, batch_size, evaluations)
     run_flags = [str(int(float(f[:-1]) / 100 * steps)) if f.endswith("%") else f for f in flags]
     out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
@@ -106,13 +114,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget per variant")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--steps", type=int, default=0, help="train every variant for this many steps (equal "
+                        "steps instead of equal time, for variants that only change a schedule); --minutes "
+                        "still stops a run")
     parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
     args = parser.parse_args()
     results_path = REPO / "runs" / "experiments" / "results.jsonl"
     results_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or VARIANTS:
-        row = run_variant(name, VARIANTS[name], args.minutes, args.texts) | {"minutes": args.minutes}
+        row = run_variant(name, VARIANTS[name], args.minutes, args.texts, args.steps) | {"minutes": args.minutes}
         rows.append(row)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")
