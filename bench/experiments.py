@@ -58,8 +58,13 @@ VARIANTS = {
 }
 
 
+def read_metrics(metrics_path):
+    """The lines newgpt.py appended to a run's metrics.jsonl: training-loss records and evaluations."""
+    return [json.loads(line) for line in open(metrics_path)]
+
+
 def final_validation(metrics_path):
-    records = [json.loads(line) for line in open(metrics_path)]
+    records = read_metrics(metrics_path)
     val = [r for r in records if "val_bpb" in r]
     speed = [r["tok_per_s"] for r in records if "tok_per_s" in r]
     return val[-1], speed[-1] if speed else None

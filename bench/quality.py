@@ -10,7 +10,6 @@ schedule is sized to its budget as in bench/experiments.py, compilation time inc
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ RECIPES = {"seed recipe": ["--recipe", "seed"], "default": []}
 
 
 def curve(metrics_path):
-    records = [json.loads(line) for line in open(metrics_path)]
-    return [(r["elapsed_s"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    return [(r["elapsed_s"], r["val_bpb"]) for r in experiments.read_metrics(metrics_path) if "val_bpb" in r]
 
 
 def time_to_reach(points, target):
