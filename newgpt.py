@@ -12,10 +12,11 @@ The file reads top to bottom as the pipeline runs:
 
 Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention with heads
 of 128 dims (written out on CPU, F.scaled_dot_product_attention elsewhere), RoPE (or learned positions),
-ReLU^2 MLPs, no biases, tied input/output embeddings, loss on assistant tokens; Muon (batched Newton-Schulz)
-for the blocks' matrices and AdamW (decay on matrices only) for the rest, linear warmup then cosine decay;
-bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
-chat_with_model.py imports the model and the chat format from here, so training and chatting can never disagree.
+ReLU^2 MLPs, no biases, tied input/output embeddings; the loss on every token for the first 30% of steps,
+then on the assistant's only; Muon (batched Newton-Schulz) for the blocks' matrices and AdamW (decay on
+matrices only) for the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and
+torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the
+chat format from here, so training and chatting can never disagree.
 """
 
 import argparse
@@ -114,8 +115,9 @@ class TrainConfig:
     compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})
     curriculum_steps: int = field(default=0, metadata={
         "help": "for this many first steps train on quarter-length sequences (same tokens per step)"})
-    all_tokens_steps: int = field(default=0, metadata={
-        "help": "for this many first steps put the loss on every token, then on --loss_on's tokens"})
+    all_tokens_fraction: float = field(default=0.3, metadata={
+        "help": "curriculum: put the loss on every token for this fraction of max_steps first, then on "
+                "--loss_on's tokens (0: off)"})
 
 
 HF_DATASET = "OpenAssistant/oasst2"
@@ -1100,6 +1102,8 @@ def check_train_config(cfg):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.max_minutes < 0 or cfg.keep_last < 0:
         raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
+    if not 0 <= cfg.all_tokens_fraction <= 1:
+        raise UserError(f"--all_tokens_fraction must be between 0 and 1, got {cfg.all_tokens_fraction}")
 
 
 def resolve_resume(cfg):
@@ -1154,7 +1158,8 @@ def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, devic
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
         rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
-        x, y = train_rows.get(rows, loss_on="all" if step < cfg.all_tokens_steps else None)
+        all_tokens = step < cfg.all_tokens_fraction * cfg.max_steps  # curriculum: all text first
+        x, y = train_rows.get(rows, loss_on="all" if all_tokens else None)
         if step < cfg.curriculum_steps:  # curriculum: the same tokens as 4x more rows of quarter length
             x, y = x.reshape(-1, x.size(1) // 4), y.reshape(-1, y.size(1) // 4)  # (4B, T/4)
         x, y = x.to(device), y.to(device)
@@ -1340,7 +1345,7 @@ RECIPES = {
     "default": {},
     "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
              "qk_norm": False, "dtype": "float32", "optimizer": "adamw", "compile": False, "curriculum_steps": 0,
-             "all_tokens_steps": 0},
+             "all_tokens_fraction": 0.0},
 }
 
 

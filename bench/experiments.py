@@ -47,7 +47,8 @@ VARIANTS = {
     "no compile": ["--no-compile"],
     "muon + relu2": ["--optimizer", "muon", "--mlp_act", "relu2"],
     "muon + relu2 + vocab 16384": ["--optimizer", "muon", "--mlp_act", "relu2", "--vocab_size", "16384"],
-    "all tokens, then assistant 30%": ["--all_tokens_steps", "30%"],
+    "all tokens, then assistant 30%": ["--all_tokens_fraction", "0.3"],
+    "assistant tokens only": ["--all_tokens_fraction", "0"],
     "batch 16": ["--batch_size", "16"],
     "2 heads": ["--n_head", "2"],
     "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],
@@ -70,14 +71,13 @@ def final_validation(metrics_path):
     return val[-1], speed[-1] if speed else None
 
 
-def without_schedules(flags):
-    """Throughput is measured at the full sequence length (the curriculum changes it), and the schedules'
-    step counts may still be percentages of the run, which is what the measurement sizes."""
+def without_curriculum(flags):
+    """Throughput is measured at the full sequence length, which the curriculum changes; its step count may
+    still be a percentage of the run, which is what the measurement sizes."""
     kept = list(flags)
-    for name in ("--curriculum_steps", "--all_tokens_steps"):
-        if name in kept:
-            i = kept.index(name)
-            del kept[i:i + 2]
+    if "--curriculum_steps" in kept:
+        i = kept.index("--curriculum_steps")
+        del kept[i:i + 2]
     return kept
 
 
@@ -87,7 +87,7 @@ def flag_value(flags, name, default):
 
 def planned_steps(flags, minutes, batch_size, evaluations):
     """How many steps of this variant fit in `minutes`, from a short measurement of its throughput."""
-    speed = train_speed.measure(without_schedules(flags), steps=4, batch_size=batch_size)
+    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=batch_size)
     # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
     seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
     return int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))

@@ -203,6 +203,6 @@ def test_seed_recipe_sets_the_original_configuration_and_flags_still_win():
     model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed"]))
     assert (model_config.n_layer, model_config.n_head, model_config.n_embd) == (4, 4, 256)
     assert model_config.pos_encoding == "learned" and model_config.bias and cfg.dtype == "float32"
-    assert cfg.optimizer == "adamw" and not cfg.compile
+    assert cfg.optimizer == "adamw" and not cfg.compile and cfg.all_tokens_fraction == 0
     overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
     assert overridden.n_layer == 2

@@ -65,7 +65,7 @@ def test_checkpoint_round_trip_restores_identical_logits(tmp_path, oasst_file):
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, oasst_file, optimizer):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--max_steps", "6", "--save_interval", "3", "--keep_last", "0", "--dropout", "0.1",
-             "--optimizer", optimizer, "--curriculum_steps", "2", "--all_tokens_steps", "4"]
+             "--optimizer", optimizer, "--curriculum_steps", "2", "--all_tokens_fraction", "0.5"]
     assert run_newgpt(*train_args(oasst_file, straight, *flags), cwd=tmp_path).returncode == 0
     resumed.mkdir()
     for name in ["gpt_step0003.pt", *[p.name for p in straight.glob("tokenizer-*.json")]]:
@@ -150,12 +150,15 @@ def cli_error_cases(tmp_path, oasst_file):
         "german only": (["--data", only_german], ["no usable training"]),
         "curriculum on odd block": (["--data", oasst_file, "--block_size", "30", "--curriculum_steps", "2"],
                                     ["divisible by 4"]),
+        "all-tokens fraction above 1": (["--data", oasst_file, "--all_tokens_fraction", "1.5"],
+                                        ["all_tokens_fraction", "between 0 and 1"]),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data", "empty data", "no match for language", "unknown language", "heads",
                                   "block", "unwritable ckpt dir", "bad flag value", "zero steps", "bad device",
-                                  "no network", "german only", "curriculum on odd block"])
+                                  "no network", "german only", "curriculum on odd block",
+                                  "all-tokens fraction above 1"])
 def test_cli_errors_are_one_line_and_non_zero(tmp_path, oasst_file, case):
     args, fragments = cli_error_cases(tmp_path, oasst_file)[case]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
