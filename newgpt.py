@@ -90,7 +90,7 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=6800, metadata={
-        "help": "optimizer steps in total (6,800 take 30 minutes on 2 CPU cores)"})
+        "help": "optimizer steps in total (6,800 take about 28 minutes on 2 CPU cores)"})
     max_minutes: float = field(default=0.0, metadata={
         "help": "stop (and save) after this many minutes (0: no limit)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -163,9 +163,11 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    # PyTorch's CPU flash-attention kernel computes at fp32 speed. On CPU the explicit softmax(q k^T) v runs its
-    # matmuls in bf16, and the default config trains 1.26x faster with it (bench/train_speed.py, "default, SDPA
-    # on CPU"); its T x T scores take 1 MB per head and row at T = 512. Elsewhere the fused kernel wins.
+    # The backward of PyTorch's CPU flash-attention kernel computes at fp32 speed. When training on CPU, the
+    # explicit softmax(q k^T) v runs its matmuls in bf16, and the default config trains 1.14x to 1.26x faster
+    # with it (three runs of bench/train_speed.py, "default, SDPA on CPU"); its T x T scores take 1 MB per
+    # head and row at T = 512. The fused kernel's forward is fast (one decoding step: 19 against 54 us per layer
+    # at 512 keys), so without gradients (evaluation, chat) and on other devices it is the one used.
     sdpa_on_cpu = False
 
     def __init__(self, config):
@@ -200,7 +202,7 @@ class CausalSelfAttention(nn.Module):
             assert T == 1 or kv_cache.length == 0, "prefill must start from an empty cache"
             k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and not self.sdpa_on_cpu:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and not self.sdpa_on_cpu:
             y = self.explicit_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
@@ -860,8 +862,8 @@ class Muon(torch.optim.Optimizer):
     0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025), so that one learning rate and
     schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
     (tests/test_model.py checks that), but orthogonalises same-shaped matrices together in batched matmuls,
-    which makes the default config train 1.11x faster on CPU (bench/train_speed.py, "default,
-    torch.optim.Muon")."""
+    which makes the default config train 1.03x to 1.11x faster on CPU (three runs of bench/train_speed.py,
+    "default, torch.optim.Muon")."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
