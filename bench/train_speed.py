@@ -73,7 +73,7 @@ def flops_per_token(config):
     return 6 * matmul_weights + 12 * L * T * C
 
 
-def run_worker(flags, steps, batch_size, code_change):
+def run_worker(flags, steps, batch_size, code_change, with_peaks):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
@@ -105,17 +105,19 @@ def run_worker(flags, steps, batch_size, code_change):
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # The machine is shared and its speed drifts over minutes: the peak that this recipe's MFU is measured
     # against is taken here, in the same process, seconds after the timed steps.
-    peaks = measure_peaks()
+    peaks = measure_peaks() if with_peaks else None
     print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
                       "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(model_config),
                       "dtype": dtype, "peaks": peaks, "warmup_s": warmup_s,
                       "config": asdict(model_config) | {"compile": cfg.compile}}))
 
 
-def measure(flags, steps, batch_size, code_change=""):
-    """Throughput of newgpt.py's training step under `flags`, measured in a fresh process."""
+def measure(flags, steps, batch_size, code_change="", with_peaks=False):
+    """Throughput of newgpt.py's training step under `flags`, measured in a fresh process; with_peaks adds
+    the matmul peaks measured right after it (a few seconds more)."""
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(flags), "--steps", str(steps),
-                          "--batch_size", str(batch_size), "--code_change", code_change],
+                          "--batch_size", str(batch_size), "--code_change", code_change,
+                          *(["--peaks"] if with_peaks else [])],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -127,17 +129,17 @@ def main():
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--code_change", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change)
+        return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks)
 
-    results = {name: measure(RECIPES[name], args.steps, args.batch_size, CODE_CHANGES.get(name, ""))
+    results = {name: measure(RECIPES[name], args.steps, args.batch_size, CODE_CHANGES.get(name, ""), True)
                for name in args.recipes}
-    best_bf16 = max(r["peaks"]["bfloat16"] for r in results.values())
-    print(f"matmul peak on {os.cpu_count()} cores, measured after each recipe: bf16 "
-          f"{min(r['peaks']['bfloat16'] for r in results.values()):.2f} to {best_bf16:.2f} TFLOP/s, fp32 "
-          f"{min(r['peaks']['float32'] for r in results.values()):.2f} to "
-          f"{max(r['peaks']['float32'] for r in results.values()):.2f}")
+    bf16, fp32 = ([r["peaks"][dtype] for r in results.values()] for dtype in ("bfloat16", "float32"))
+    best_bf16 = max(bf16)
+    print(f"matmul peak on {os.cpu_count()} cores, measured after each recipe: bf16 {min(bf16):.2f} to "
+          f"{best_bf16:.2f} TFLOP/s, fp32 {min(fp32):.2f} to {max(fp32):.2f}")
     baseline = results[next(iter(results))]["tok_s"]
     print(f"\n{'recipe':<26} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 peak':>9} "
           f"{'MFU':>6} {'MFU vs best':>11} {'MFU own dtype':>13} {'peak RSS':>9}")
