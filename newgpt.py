@@ -252,6 +252,32 @@ class Block(nn.Module):
 IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
 
 
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), over the targets that are not IGNORE_INDEX
+    (0, not NaN, when all are), with its gradient written out: (softmax(logits) - one_hot(target)) / n_targets.
+    Autograd's own backward, compiled, builds the one-hot by comparing every vocabulary index with the
+    target; this one overwrites the target column alone. The default config trains 1.XXx faster with it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        keep = targets != IGNORE_INDEX
+        safe_targets = targets.clamp(min=0)  # any column will do for ignored rows: their gradient is scaled by 0
+        logsumexp = logits.float().logsumexp(dim=-1)  # (N,)
+        nll = logsumexp - logits.gather(-1, safe_targets[:, None]).squeeze(-1).float()  # (N,) -log p(target)
+        n_targets = keep.sum().clamp(min=1)
+        ctx.save_for_backward(logits, logsumexp, nll, safe_targets, keep, n_targets)
+        return (nll * keep).sum() / n_targets
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, logsumexp, nll, safe_targets, keep, n_targets = ctx.saved_tensors
+        scale = (keep * grad_loss / n_targets)[:, None]  # (N, 1)
+        probs = (logits.float() - logsumexp[:, None]).exp()  # (N, V) softmax
+        target_grads = ((-nll).exp()[:, None] - 1) * scale  # (N, 1) p(target) - 1
+        grad = (probs * scale).to(logits.dtype)
+        return grad.scatter(-1, safe_targets[:, None], target_grads.to(logits.dtype)), None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -312,10 +338,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            # Mean over the real targets; a micro-batch whose targets are all masked gives 0, not NaN.
-            loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            loss = CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
+            # Only the loss is differentiated. Logits that still required grad would make autograd zero-fill
+            # a (B, T, vocab_size) gradient for them on every backward.
+            logits = logits.detach()
         return logits, loss
 
 

@@ -35,6 +35,7 @@ RECIPES = {
     "default, plain malloc": [],
     "default, SDPA on CPU": [],
     "default, torch.optim.Muon": [],
+    "default, autograd cross-entropy": [],
     "default, 4 heads of 64": ["--n_head", "4"],
     "default": [],
 }
@@ -43,7 +44,15 @@ CODE_CHANGES = {
     "default, plain malloc": "plain_malloc",  # without newgpt.keep_freed_memory()
     "default, SDPA on CPU": "sdpa_on_cpu",  # F.scaled_dot_product_attention instead of explicit_attention
     "default, torch.optim.Muon": "torch_muon",  # torch.optim.Muon instead of newgpt.Muon
+    "default, autograd cross-entropy": "torch_cross_entropy",  # F.cross_entropy instead of newgpt.CrossEntropy
 }
+
+
+def torch_cross_entropy(logits, targets):
+    """What newgpt.CrossEntropy computes, with autograd's own backward."""
+    loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=newgpt.IGNORE_INDEX,
+                                                 reduction="sum")
+    return loss_sum / (targets != newgpt.IGNORE_INDEX).sum().clamp(min=1)
 
 
 def matmul_peak_tflops(dtype, n=2048, repeats=10, trials=5):
@@ -81,6 +90,8 @@ def run_worker(flags, steps, batch_size, code_change, with_peaks):
     if code_change != "plain_malloc":
         newgpt.keep_freed_memory()  # as newgpt.train does on CPU
     newgpt.CausalSelfAttention.sdpa_on_cpu = code_change == "sdpa_on_cpu"
+    if code_change == "torch_cross_entropy":
+        newgpt.CrossEntropy.apply = torch_cross_entropy
     torch.manual_seed(0)
     model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
@@ -141,11 +152,12 @@ def main():
     print(f"matmul peak on {os.cpu_count()} cores, measured after each recipe: bf16 {min(bf16):.2f} to "
           f"{best_bf16:.2f} TFLOP/s, fp32 {min(fp32):.2f} to {max(fp32):.2f}")
     baseline = results[next(iter(results))]["tok_s"]
-    print(f"\n{'recipe':<26} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 peak':>9} "
+    width = max(len(name) for name in results)
+    print(f"\n{'recipe':<{width}} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 peak':>9} "
           f"{'MFU':>6} {'MFU vs best':>11} {'MFU own dtype':>13} {'peak RSS':>9}")
     for name, r in results.items():
         tflops = r["tok_s"] * r["flops_per_token"] / 1e12
-        print(f"{name:<26} {r['params_m']:>6.2f}M {r['tok_s']:>7,.0f} {r['tok_s'] / baseline:>7.2f}x "
+        print(f"{name:<{width}} {r['params_m']:>6.2f}M {r['tok_s']:>7,.0f} {r['tok_s'] / baseline:>7.2f}x "
               f"{tflops:>7.3f} {r['peaks']['bfloat16']:>9.2f} {tflops / r['peaks']['bfloat16']:>6.1%} "
               f"{tflops / best_bf16:>11.1%} {tflops / r['peaks'][r['dtype']]:>13.1%} {r['peak_rss_mb']:>7,.0f}MB")
     print("MFU: against the bf16 peak measured right after the recipe; MFU vs best: against the run's best bf16 "
