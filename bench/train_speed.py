@@ -2,12 +2,14 @@
 
     python bench/train_speed.py                  # the recipes below, 10 timed steps of 8 x 512 tokens each
     python bench/train_speed.py --steps 20 --recipes "seed (fp32)" default
+    python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
 training step: forward and backward under autocast, gradient clipping, the optimizers. Right after its timed
 steps each process measures this machine's matmul peak in fp32 and bf16 (the best of 5 timings), and the
 table reports model FLOPs utilization (MFU) against that peak and against the run's best.
-The machine is shared and noisy: read the ratios, not the absolute numbers.
+The machine is shared and noisy: read the ratios, not the absolute numbers. Its speed also drifts over
+minutes, so --rounds N runs the list of recipes N times, interleaved, and reports each recipe's median round.
 """
 
 import argparse
@@ -85,6 +87,10 @@ def flops_per_token(config):
     return 6 * matmul_weights + 12 * L * T * C
 
 
+def achieved_tflops(result):
+    return result["tok_s"] * result["flops_per_token"] / 1e12
+
+
 def run_worker(flags, steps, batch_size, code_change, with_peaks):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
@@ -141,6 +147,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
     parser.add_argument("--batch_size", type=int, default=8, help="rows of block_size tokens per step")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the recipes this many times, interleaved, and keep each one's median round")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--code_change", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
@@ -148,9 +156,15 @@ def main():
     if args.worker:
         return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks)
 
-    results = {name: measure(RECIPES[name], args.steps, args.batch_size, CODE_CHANGES.get(name, ""), True)
-               for name in args.recipes}
-    bf16, fp32 = ([r["peaks"][dtype] for r in results.values()] for dtype in ("bfloat16", "float32"))
+    rounds = {name: [] for name in args.recipes}
+    for _ in range(args.rounds):
+        for name in args.recipes:
+            code_change = CODE_CHANGES.get(name, "")
+            rounds[name].append(measure(RECIPES[name], args.steps, args.batch_size, code_change, True))
+    # The median round by throughput (the lower middle one for an even count), with the peaks measured in it.
+    results = {name: sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2] for name, runs in rounds.items()}
+    every_run = [r for runs in rounds.values() for r in runs]
+    bf16, fp32 = ([r["peaks"][dtype] for r in every_run] for dtype in ("bfloat16", "float32"))
     best_bf16 = max(bf16)
     print(f"matmul peak on {os.cpu_count()} cores, measured after each recipe: bf16 {min(bf16):.2f} to "
           f"{best_bf16:.2f} TFLOP/s, fp32 {min(fp32):.2f} to {max(fp32):.2f}")
@@ -159,7 +173,7 @@ def main():
     print(f"\n{'recipe':<{width}} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 peak':>9} "
           f"{'MFU':>6} {'MFU vs best':>11} {'MFU own dtype':>13} {'peak RSS':>9}")
     for name, r in results.items():
-        tflops = r["tok_s"] * r["flops_per_token"] / 1e12
+        tflops = achieved_tflops(r)
         print(f"{name:<{width}} {r['params_m']:>6.2f}M {r['tok_s']:>7,.0f} {r['tok_s'] / baseline:>7.2f}x "
               f"{tflops:>7.3f} {r['peaks']['bfloat16']:>9.2f} {tflops / r['peaks']['bfloat16']:>6.1%} "
               f"{tflops / best_bf16:>11.1%} {tflops / r['peaks'][r['dtype']]:>13.1%} {r['peak_rss_mb']:>7,.0f}MB")
@@ -168,6 +182,11 @@ def main():
     for name, r in results.items():
         change = f", code change: {CODE_CHANGES[name]}" if name in CODE_CHANGES else ""
         print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'}{change} -> {json.dumps(r['config'])}")
+    if args.rounds > 1:
+        for name, runs in rounds.items():
+            tok_s = ", ".join(f"{r['tok_s']:,.0f}" for r in runs)
+            mfu = ", ".join(f"{achieved_tflops(r) / r['peaks']['bfloat16']:.1%}" for r in runs)
+            print(f"{name}: tok/s in each round {tok_s}; MFU {mfu}")
 
 
 if __name__ == "__main__":
