@@ -5,10 +5,12 @@
     python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
-training step: forward and backward under autocast, gradient clipping, the optimizers. Right before and right
-after its timed steps each process measures this machine's matmul peak in fp32 and bf16 (the best of 5
-timings each time), and the table reports model FLOPs utilization (MFU) against the higher of the two and
-against the run's best.
+training step: forward and backward under autocast, gradient clipping, the optimizers. The machine is shared
+and its speed moves within seconds, so each process also times a few bf16 matmuls between its timed steps:
+the MFU column (model FLOPs utilization) is against that speed, the machine's bf16 matmul speed at the
+moments the steps ran. Right before and right after its timed steps each process also measures the matmul
+peak in fp32 and bf16 (the best of 5 timings each time); the table also gives MFU against the higher of
+those two and against the run's best.
 The machine is shared and noisy: read the ratios, not the absolute numbers. Its speed also drifts over
 minutes, so --rounds N runs the list of recipes N times, interleaved, and reports each recipe's median round.
 """
@@ -61,11 +63,11 @@ class TorchCrossEntropy:
         return loss_sum / (targets != newgpt.IGNORE_INDEX).sum().clamp(min=1)
 
 
-def matmul_peak_tflops(dtype, n=2048, repeats=10, trials=5):
-    """The best of `trials` timings of a square matmul (2048 was the fastest size we tried on these cores).
-    The best, not the mean: a neighbour's load can only make a trial slower, so this is the honest peak."""
+def matmul_tflops(dtype, n=2048, repeats=10, trials=5, warmup=3):
+    """The best of `trials` timings of `repeats` square matmuls (2048 was the fastest size we tried on these
+    cores). The best, not the mean: a neighbour's load can only make a trial slower, so this is the honest peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
+    for _ in range(warmup):
         a @ b
     best = 0.0
     for _ in range(trials):
@@ -77,7 +79,7 @@ def matmul_peak_tflops(dtype, n=2048, repeats=10, trials=5):
 
 
 def measure_peaks():
-    return {"float32": matmul_peak_tflops(torch.float32), "bfloat16": matmul_peak_tflops(torch.bfloat16)}
+    return {"float32": matmul_tflops(torch.float32), "bfloat16": matmul_tflops(torch.bfloat16)}
 
 
 def higher_peaks(before, after):
@@ -94,6 +96,11 @@ def flops_per_token(config):
 
 def achieved_tflops(result):
     return result["tok_s"] * result["flops_per_token"] / 1e12
+
+
+def mfu(result):
+    """Model FLOPs utilization against the bf16 matmul speed sampled between the timed steps."""
+    return achieved_tflops(result) / result["bf16_between_steps"]
 
 
 def run_worker(flags, steps, batch_size, code_change, with_peaks):
@@ -126,15 +133,19 @@ def run_worker(flags, steps, batch_size, code_change, with_peaks):
     # The machine is shared and its speed drifts over minutes: the peak that this recipe's MFU is measured
     # against is taken here, in the same process, seconds before and after the timed steps.
     peaks_before = measure_peaks() if with_peaks else None
-    started = time.perf_counter()
+    seconds, bf16_between_steps = 0.0, []
     for step in range(3, 3 + steps):
+        started = time.perf_counter()
         newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
-    seconds = time.perf_counter() - started
+        seconds += time.perf_counter() - started
+        if with_peaks:  # the machine's bf16 matmul speed now, between two timed steps (about 0.1 s)
+            bf16_between_steps.append(matmul_tflops(torch.bfloat16, repeats=4, trials=2, warmup=3))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peaks = higher_peaks(peaks_before, measure_peaks()) if with_peaks else None
     print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
                       "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(model_config),
                       "dtype": dtype, "peaks": peaks, "warmup_s": warmup_s,
+                      "bf16_between_steps": float(np.mean(bf16_between_steps)) if with_peaks else None,
                       "config": asdict(model_config) | {"compile": cfg.compile}}))
 
 
@@ -176,23 +187,24 @@ def main():
           f"bf16 {min(bf16):.2f} to {best_bf16:.2f} TFLOP/s, fp32 {min(fp32):.2f} to {max(fp32):.2f}")
     baseline = results[next(iter(results))]["tok_s"]
     width = max(len(name) for name in results)
-    print(f"\n{'recipe':<{width}} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 peak':>9} "
-          f"{'MFU':>6} {'MFU vs best':>11} {'MFU own dtype':>13} {'peak RSS':>9}")
+    print(f"\n{'recipe':<{width}} {'params':>7} {'tok/s':>7} {'vs first':>8} {'TFLOP/s':>7} {'bf16 now':>8} "
+          f"{'bf16 peak':>9} {'MFU':>6} {'MFU vs peak':>11} {'vs best':>7} {'own dtype':>9} {'peak RSS':>9}")
     for name, r in results.items():
         tflops = achieved_tflops(r)
         print(f"{name:<{width}} {r['params_m']:>6.2f}M {r['tok_s']:>7,.0f} {r['tok_s'] / baseline:>7.2f}x "
-              f"{tflops:>7.3f} {r['peaks']['bfloat16']:>9.2f} {tflops / r['peaks']['bfloat16']:>6.1%} "
-              f"{tflops / best_bf16:>11.1%} {tflops / r['peaks'][r['dtype']]:>13.1%} {r['peak_rss_mb']:>7,.0f}MB")
-    print("MFU: against the bf16 peak measured with the recipe; MFU vs best: against the run's best bf16 "
-          "peak; MFU own dtype: against the peak of the recipe's own precision")
+              f"{tflops:>7.3f} {r['bf16_between_steps']:>8.2f} {r['peaks']['bfloat16']:>9.2f} {mfu(r):>6.1%} "
+              f"{tflops / r['peaks']['bfloat16']:>11.1%} {tflops / best_bf16:>7.1%} "
+              f"{tflops / r['peaks'][r['dtype']]:>9.1%} {r['peak_rss_mb']:>7,.0f}MB")
+    print("bf16 now: the bf16 matmul speed sampled between the timed steps; MFU: against it; MFU vs peak: "
+          "against the bf16 peak measured before and after the steps; vs best: against the run's best bf16 "
+          "peak; own dtype: against the peak of the recipe's own precision")
     for name, r in results.items():
         change = f", code change: {CODE_CHANGES[name]}" if name in CODE_CHANGES else ""
         print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'}{change} -> {json.dumps(r['config'])}")
     if args.rounds > 1:
         for name, runs in rounds.items():
             tok_s = ", ".join(f"{r['tok_s']:,.0f}" for r in runs)
-            mfu = ", ".join(f"{achieved_tflops(r) / r['peaks']['bfloat16']:.1%}" for r in runs)
-            print(f"{name}: tok/s in each round {tok_s}; MFU {mfu}")
+            print(f"{name}: tok/s in each round {tok_s}; MFU {', '.join(f'{mfu(r):.1%}' for r in runs)}")
 
 
 if __name__ == "__main__":
