@@ -3,6 +3,7 @@
     python bench/train_speed.py                  # the recipes below, 10 timed steps of 8 x 512 tokens each
     python bench/train_speed.py --steps 20 --recipes "seed (fp32)" default
     python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
+    python bench/train_speed.py --steps 40 --paired "default, autograd cross-entropy"
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
 training step: forward and backward under autocast, gradient clipping, the optimizers. The machine is shared
@@ -103,16 +104,21 @@ def mfu(result):
     return achieved_tflops(result) / result["bf16_between_steps"]
 
 
-def run_worker(flags, steps, batch_size, code_change, with_peaks):
-    """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
-    tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
+OUR_CROSS_ENTROPY = newgpt.CrossEntropy
+
+
+def use_code(code_change):
+    """Point newgpt at the code that a recipe runs. torch.compile reads these when it traces and guards on
+    them, so models compiled under different settings can take turns in one process (--paired)."""
+    newgpt.CausalSelfAttention.sdpa_on_cpu = code_change == "sdpa_on_cpu"
+    newgpt.CrossEntropy = TorchCrossEntropy if code_change == "torch_cross_entropy" else OUR_CROSS_ENTROPY
+
+
+def build(flags, batch_size, code_change):
+    """The model, optimizers, precision and compilation that newgpt.py's flags select, with a code change."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg = newgpt.configs_from_args(args)
-    if code_change != "plain_malloc":
-        newgpt.keep_freed_memory()  # as newgpt.train does on CPU
-    newgpt.CausalSelfAttention.sdpa_on_cpu = code_change == "sdpa_on_cpu"
-    if code_change == "torch_cross_entropy":
-        newgpt.CrossEntropy = TorchCrossEntropy
+    use_code(code_change)
     torch.manual_seed(0)
     model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
@@ -121,32 +127,71 @@ def run_worker(flags, steps, batch_size, code_change, with_peaks):
         optimizers[-1] = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           adjust_lr_fn="match_rms_adamw")
     dtype = newgpt.pick_dtype(cfg.dtype, "cpu")
-    ctx = newgpt.autocast_context("cpu", dtype)
     trained = torch.compile(model) if cfg.compile else model
-    n_tokens = (steps + 3) * batch_size * model_config.block_size + 1
+    return dict(model_config=model_config, cfg=cfg, model=model, trained=trained, optimizers=optimizers,
+                dtype=dtype, ctx=newgpt.autocast_context("cpu", dtype), code_change=code_change)
+
+
+def random_rows(model_config, steps, batch_size):
+    n_tokens = steps * batch_size * model_config.block_size + 1
     ids = np.random.default_rng(0).integers(0, model_config.vocab_size, n_tokens).astype(np.uint16)
-    rows = newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), model_config.block_size)
+    return newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), model_config.block_size)
+
+
+def timed_step(setup, rows, step):
+    use_code(setup["code_change"])
     started = time.perf_counter()
-    for step in range(3):  # warm-up: compilation, allocator, kernel selection
-        newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
-    warmup_s = time.perf_counter() - started
+    trained, optimizers, cfg, ctx = setup["trained"], setup["optimizers"], setup["cfg"], setup["ctx"]
+    newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
+    return time.perf_counter() - started
+
+
+def run_worker(flags, steps, batch_size, code_change, with_peaks):
+    """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
+    tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
+    if code_change != "plain_malloc":
+        newgpt.keep_freed_memory()  # as newgpt.train does on CPU
+    setup = build(flags, batch_size, code_change)
+    model_config = setup["model_config"]
+    rows = random_rows(model_config, steps + 3, batch_size)
+    warmup_s = sum(timed_step(setup, rows, step) for step in range(3))  # compilation, allocator, kernels
     # The machine is shared and its speed drifts over minutes: the peak that this recipe's MFU is measured
     # against is taken here, in the same process, seconds before and after the timed steps.
     peaks_before = measure_peaks() if with_peaks else None
     seconds, bf16_between_steps = 0.0, []
     for step in range(3, 3 + steps):
-        started = time.perf_counter()
-        newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
-        seconds += time.perf_counter() - started
+        seconds += timed_step(setup, rows, step)
         if with_peaks:  # the machine's bf16 matmul speed now, between two timed steps (about 0.1 s)
             bf16_between_steps.append(matmul_tflops(torch.bfloat16, repeats=4, trials=2, warmup=3))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peaks = higher_peaks(peaks_before, measure_peaks()) if with_peaks else None
     print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
-                      "params_m": model.num_params() / 1e6, "flops_per_token": flops_per_token(model_config),
-                      "dtype": dtype, "peaks": peaks, "warmup_s": warmup_s,
+                      "params_m": setup["model"].num_params() / 1e6,
+                      "flops_per_token": flops_per_token(model_config),
+                      "dtype": setup["dtype"], "peaks": peaks, "warmup_s": warmup_s,
                       "bf16_between_steps": float(np.mean(bf16_between_steps)) if with_peaks else None,
-                      "config": asdict(model_config) | {"compile": cfg.compile}}))
+                      "config": asdict(model_config) | {"compile": setup["cfg"].compile}}))
+
+
+def run_paired(name, steps, batch_size):
+    """The default and one code change, compiled in one process, taking turns step by step (the order
+    swapped every step), so that both see the same machine: prints the median of the per-step ratios."""
+    newgpt.keep_freed_memory()
+    default = build(RECIPES["default"], batch_size, "")
+    changed = build(RECIPES[name], batch_size, CODE_CHANGES[name])
+    rows = random_rows(default["model_config"], steps + 3, batch_size)
+    for step in range(3):  # warm-up: compilation, allocator, kernels
+        timed_step(default, rows, step)
+        timed_step(changed, rows, step)
+    times = {"default": [], name: []}
+    for step in range(3, 3 + steps):
+        pair = [("default", default), (name, changed)]
+        for key, setup in (pair if step % 2 else pair[::-1]):
+            times[key].append(timed_step(setup, rows, step))
+    ratios = np.array(times[name]) / np.array(times["default"])
+    print(f"{steps} paired steps: default {np.median(times['default']) * 1000:.1f} ms, {name} "
+          f"{np.median(times[name]) * 1000:.1f} ms (medians); the default is {np.median(ratios):.3f}x faster "
+          f"(median of the per-step ratios), faster in {np.mean(ratios > 1):.0%} of the pairs")
 
 
 def measure(flags, steps, batch_size, code_change="", with_peaks=False):
@@ -166,12 +211,17 @@ def main():
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the recipes this many times, interleaved, and keep each one's median round")
+    pairable = [name for name, change in CODE_CHANGES.items() if change != "plain_malloc"]
+    parser.add_argument("--paired", choices=pairable,
+                        help="time the default against this code change in one process, step by step, instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--code_change", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks)
+    if args.paired:
+        return run_paired(args.paired, args.steps, args.batch_size)
 
     rounds = {name: [] for name in args.recipes}
     for _ in range(args.rounds):
