@@ -13,9 +13,9 @@ The file reads top to bottom as the pipeline runs:
 Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention with heads
 of 128 dims (written out on CPU, F.scaled_dot_product_attention elsewhere), RoPE (or learned positions),
 ReLU^2 MLPs, no biases, tied input/output embeddings; a cross-entropy whose gradient is written out; the
-loss on every token for the first 30% of steps, then on the assistant's only; Muon (batched Newton-Schulz) for the blocks' matrices and AdamW (decay on
-matrices only) for the rest, linear warmup then cosine decay; bf16 autocast where the hardware has it and
-torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the
+loss on every token for the first 30% of steps, then on the assistant's only; Muon (batched Newton-Schulz)
+for the blocks' matrices and AdamW (decay on matrices only) for the rest, linear warmup then cosine decay;
+bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the
 chat format from here, so training and chatting can never disagree.
 """
 
@@ -164,10 +164,10 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
     # The backward of PyTorch's CPU flash-attention kernel computes at fp32 speed. When training on CPU, the
-    # explicit softmax(q k^T) v runs its matmuls in bf16, and the default config trains 1.14x to 1.26x faster
-    # with it (three runs of bench/train_speed.py, "default, SDPA on CPU"); its T x T scores take 1 MB per
-    # head and row at T = 512. The fused kernel's forward is fast (one decoding step: 19 against 54 us per layer
-    # at 512 keys), so without gradients (evaluation, chat) and on other devices it is the one used.
+    # explicit softmax(q k^T) v runs its matmuls in bf16, and the default config trains 1.13x faster with it
+    # (bench/train_speed.py --paired "default, SDPA on CPU"; 1.11x to 1.26x unpaired); its T x T scores take
+    # 1 MB per head and row at T = 512. The fused kernel's forward is fast (one decoding step: 19 against 54 us
+    # per layer at 512 keys), so without gradients (evaluation, chat) and on other devices it is the one used.
     sdpa_on_cpu = False
 
     def __init__(self, config):
@@ -256,8 +256,8 @@ class CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), over the targets that are not IGNORE_INDEX
     (0, not NaN, when all are), with its gradient written out: (softmax(logits) - one_hot(target)) / n_targets.
     Autograd's own backward, compiled, builds the one-hot by comparing every vocabulary index with the
-    target; this one overwrites the target column alone. The default config trains 1.05x to 1.09x faster
-    with it (three rounds of bench/train_speed.py, "default, autograd cross-entropy")."""
+    target; this one overwrites the target column alone. The default config trains 1.04x to 1.06x faster
+    with it (bench/train_speed.py --paired "default, autograd cross-entropy", three runs)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -889,8 +889,8 @@ class Muon(torch.optim.Optimizer):
     0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025), so that one learning rate and
     schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
     (tests/test_model.py checks that), but orthogonalises same-shaped matrices together in batched matmuls,
-    which makes the default config train 1.03x to 1.11x faster on CPU (three runs of bench/train_speed.py,
-    "default, torch.optim.Muon")."""
+    which makes the default config train 1.08x faster on CPU (bench/train_speed.py --paired
+    "default, torch.optim.Muon"; 1.03x to 1.11x unpaired)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))

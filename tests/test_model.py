@@ -109,8 +109,9 @@ def test_forward_returns_logits_and_loss_and_all_masked_targets_give_zero():
     idx = torch.randint(0, 300, (2, 16))
     logits, loss = model(idx)
     assert logits.shape == (2, 16, 300) and loss is None
-    _, masked = model(idx, torch.full_like(idx, newgpt.IGNORE_INDEX))
+    logits, masked = model(idx, torch.full_like(idx, newgpt.IGNORE_INDEX))
     assert masked.item() == 0.0, "a micro-batch with no targets must not produce NaN"
+    assert masked.requires_grad and not logits.requires_grad, "with a loss, only the loss is differentiated"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
