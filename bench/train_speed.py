@@ -6,14 +6,15 @@
     python bench/train_speed.py --steps 40 --paired "default, autograd cross-entropy"
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
-training step: forward and backward under autocast, gradient clipping, the optimizers. The machine is shared
-and its speed moves within seconds, so each process also times a few bf16 matmuls between its timed steps:
-the MFU column (model FLOPs utilization) is against that speed, the machine's bf16 matmul speed at the
-moments the steps ran. Right before and right after its timed steps each process also measures the matmul
-peak in fp32 and bf16 (the best of 5 timings each time); the table also gives MFU against the higher of
-those two and against the run's best.
-The machine is shared and noisy: read the ratios, not the absolute numbers. Its speed also drifts over
-minutes, so --rounds N runs the list of recipes N times, interleaved, and reports each recipe's median round.
+training step: forward and backward under autocast, gradient clipping, the optimizers.
+
+The machine is shared and its speed moves within seconds, so read the ratios, not the absolute numbers:
+- MFU (model FLOPs utilization) is against bf16 matmul speeds measured in the recipe's own process: a few
+  matmuls timed between its steps ("bf16 now", the MFU column), and the best of 5 timings right before and
+  right after them ("bf16 peak"). The table also gives MFU against the best peak of the whole run.
+- --rounds N runs the list of recipes N times, interleaved, and reports each recipe's median round.
+- --paired NAME compiles the default and one code change in one process and lets them take turns step by
+  step, so that both see the same machine; it prints the median of the per-step ratios.
 """
 
 import argparse
@@ -204,12 +205,19 @@ def measure(flags, steps, batch_size, code_change="", with_peaks=False):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def at_least_one(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows of block_size tokens per step")
+    parser.add_argument("--steps", type=at_least_one, default=10, help="timed optimizer steps per recipe")
+    parser.add_argument("--batch_size", type=at_least_one, default=8, help="rows of block_size tokens per step")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=at_least_one, default=1,
                         help="measure the recipes this many times, interleaved, and keep each one's median round")
     pairable = [name for name, change in CODE_CHANGES.items() if change != "plain_malloc"]
     parser.add_argument("--paired", choices=pairable,
