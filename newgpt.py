@@ -15,8 +15,9 @@ of 128 dims (written out on CPU, F.scaled_dot_product_attention elsewhere), RoPE
 ReLU^2 MLPs, no biases, tied input/output embeddings; a cross-entropy whose gradient is written out; the
 loss on every token for the first 30% of steps, then on the assistant's only; Muon (batched Newton-Schulz)
 for the blocks' matrices and AdamW (decay on matrices only) for the rest, linear warmup then cosine decay;
-bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly. chat_with_model.py imports the model and the
-chat format from here, so training and chatting can never disagree.
+bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
+chat_with_model.py imports the model and the chat format from here, so training and chatting can never
+disagree.
 """
 
 import argparse
@@ -165,7 +166,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     # The backward of PyTorch's CPU flash-attention kernel computes at fp32 speed. When training on CPU, the
     # explicit softmax(q k^T) v runs its matmuls in bf16, and the default config trains 1.13x faster with it
-    # (bench/train_speed.py --paired "default, SDPA on CPU"; 1.11x to 1.26x unpaired); its T x T scores take
+    # (bench/train_speed.py --paired "default, SDPA on CPU"; 1.02x to 1.26x unpaired); its T x T scores take
     # 1 MB per head and row at T = 512. The fused kernel's forward is fast (one decoding step: 19 against 54 us
     # per layer at 512 keys), so without gradients (evaluation, chat) and on other devices it is the one used.
     sdpa_on_cpu = False
@@ -851,8 +852,8 @@ def pick_dtype(requested, device):
 def keep_freed_memory():
     """glibc serves big blocks (the 64 MB logits, their gradient) with fresh mmap pages and unmaps them on
     free, so every step would page-fault them in again: a (4096, 256) @ (256, 8192) bf16 matmul took 26 ms
-    instead of 7. Keeping freed memory in the heap makes the default training step 1.28x to 1.45x faster on
-    CPU (two runs of bench/train_speed.py, "default, plain malloc" against "default")."""
+    instead of 7. Keeping freed memory in the heap makes the default training step 1.22x to 1.45x faster on
+    CPU (five runs of bench/train_speed.py, "default, plain malloc" against "default")."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
@@ -890,7 +891,7 @@ class Muon(torch.optim.Optimizer):
     schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
     (tests/test_model.py checks that), but orthogonalises same-shaped matrices together in batched matmuls,
     which makes the default config train 1.08x faster on CPU (bench/train_speed.py --paired
-    "default, torch.optim.Muon"; 1.03x to 1.11x unpaired)."""
+    "default, torch.optim.Muon"; 1.02x to 1.11x unpaired)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
