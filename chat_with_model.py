@@ -5,7 +5,7 @@ whole conversation (rendered with the same function that rendered its training d
     python chat_with_model.py                          # newest checkpoint in ckpt/
     python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
     python chat_with_model.py --prompt "What is a llama?"
-    printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, plain output
+    printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
 
 Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling applies a
 CTRL-style repetition penalty, then temperature (0 means greedy), top-k and top-p (nucleus) filtering,
@@ -296,7 +296,17 @@ def handle_command(chat, line, out):
     return True
 
 
+def enable_line_editing():
+    """Arrow keys, history and Ctrl-R at the prompt: importing readline is enough for input() to use it."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Windows has no readline
+        pass
+
+
 def repl(chat, interactive, show_speed):
+    """Read user turns until EOF or /quit. Piped input gets a transcript: each line echoed after "you> "
+    and each answer after "bot> ", with a blank line between exchanges, so multi-line answers stay apart."""
     out = sys.stdout
     while True:
         try:
@@ -309,16 +319,19 @@ def repl(chat, interactive, show_speed):
         line = line.strip()
         if not line:
             continue
+        if not interactive:
+            out.write(f"you> {line}\n")
         if line.startswith("/") or line in ("exit", "quit"):
             if not handle_command(chat, line, out):
                 break
             continue
-        if interactive:
-            out.write("bot> ")
+        out.write("bot> ")
         try:
             stream_answer(chat, line, out, show_speed)
         except UserError as e:
             out.write(f"error: {e}\n")
+        if not interactive:
+            out.write("\n")
 
 
 def build_parser():
@@ -329,8 +342,8 @@ def build_parser():
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: float32 on CPU (bench/generate.py: one-token steps are 2.5x faster than "
-                             "under bf16 autocast, which re-casts every weight per step), bf16 on CUDA")
+                        help="auto: float32 on CPU (one-token steps are about 2x faster than under bf16 "
+                             "autocast, which re-casts every weight at every step), bf16 on CUDA")
     parser.add_argument("--show_speed", action="store_true", help="print tokens per second after each answer")
     for f in dataclasses.fields(SamplingConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
@@ -354,6 +367,7 @@ def main(argv=None):
             stream_answer(chat, args.prompt, sys.stdout, args.show_speed)
             return 0
         if interactive:
+            enable_line_editing()
             val = ckpt.get("val_loss")
             print(f"TinyGPT {model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
                   f"{f', val loss {val:.3f}' if val is not None else ''}, on {device}. /help for commands.")

@@ -8,14 +8,14 @@ TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
 The file reads top to bottom as the pipeline runs:
   configs -> model (attention, MLP, block, GPT) -> data (formats -> conversations -> train_texts.json)
   -> tokenizer (byte-level BPE + chat special tokens) -> batches (packed rows, cached on disk)
-  -> training loop (eval -> checkpoint -> micro-batches -> clip -> step -> log) -> main()
+  -> device, precision, optimizer -> checkpoints -> training loop (eval -> checkpoint -> micro-batches
+  -> clip -> step -> log) -> main()
 
-Design choices, each measured (README, bench/experiments.py): pre-norm blocks, causal attention with heads
-of 128 dims (written out on CPU, F.scaled_dot_product_attention elsewhere), RoPE (or learned positions),
-ReLU^2 MLPs, no biases, tied input/output embeddings; a cross-entropy whose gradient is written out; the
-loss on every token for the first 30% of steps, then on the assistant's only; Muon (batched Newton-Schulz)
-for the blocks' matrices and AdamW (decay on matrices only) for the rest, linear warmup then cosine decay;
-bf16 autocast where the hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
+Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
+128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings; a cross-entropy whose gradient is
+written out; the loss on every token for the first 30% of steps, then on the assistant's only; Muon for
+the blocks' matrices and AdamW for the rest, linear warmup then cosine decay; bf16 autocast where the
+hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
 chat_with_model.py imports the model and the chat format from here, so training and chatting can never
 disagree.
 """
@@ -30,12 +30,12 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
+import socket
 import sys
 import time
 import unicodedata
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +50,26 @@ from tqdm import tqdm
 class UserError(Exception):
     """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
 
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename the temp file over `path`: a kill mid-write never leaves a
+    half-written file under the real name, and never damages the previous version."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# The chat format: every conversation is rendered with these tokens, in training and in chat.
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
+HF_DATASET = "OpenAssistant/oasst2"
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -70,7 +90,6 @@ class GPTConfig:
     mlp_act: str = field(default="relu2", metadata={
         "help": "MLP nonlinearity: GELU (GPT-2) or ReLU squared (Primer, So et al. 2021)",
         "choices": ["gelu", "relu2"]})
-    qk_norm: bool = field(default=False, metadata={"help": "RMS-normalise queries and keys per head (as in Qwen3)"})
 
 
 @dataclass
@@ -91,7 +110,7 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=6800, metadata={
-        "help": "optimizer steps in total (6,800 take about 28 minutes on 2 CPU cores)"})
+        "help": "optimizer steps in total; the run prints how long they will take after its first steps"})
     max_minutes: float = field(default=0.0, metadata={
         "help": "stop (and save) after this many minutes (0: no limit)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -101,6 +120,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     loss_on: str = field(default="assistant", metadata={
         "help": "which tokens are targets", "choices": ["assistant", "all"]})
+    all_tokens_fraction: float = field(default=0.3, metadata={
+        "help": "curriculum: put the loss on every token for this fraction of max_steps first, then on "
+                "--loss_on's tokens (0: off)"})
     eval_interval: int = field(default=200, metadata={"help": "evaluate every N steps"})
     eval_tokens: int = field(default=131072, metadata={"help": "validation tokens per evaluation (at most)"})
     save_interval: int = field(default=500, metadata={"help": "save a checkpoint every N steps"})
@@ -114,30 +136,30 @@ class TrainConfig:
         "help": "adamw for everything, or muon for the hidden matrices plus adamw for the rest",
         "choices": ["adamw", "muon"]})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})
-    curriculum_steps: int = field(default=0, metadata={
-        "help": "for this many first steps train on quarter-length sequences (same tokens per step)"})
-    all_tokens_fraction: float = field(default=0.3, metadata={
-        "help": "curriculum: put the loss on every token for this fraction of max_steps first, then on "
-                "--loss_on's tokens (0: off)"})
 
 
-HF_DATASET = "OpenAssistant/oasst2"
-
+# The original project's recipe, for comparisons: `python newgpt.py --recipe seed` (explicit flags still win).
+# Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
+RECIPES = {
+    "default": {},
+    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
+             "dtype": "float32", "optimizer": "adamw", "compile": False, "all_tokens_fraction": 0.0},
+}
 
 # -----------------------------------------------------------------------------
 # Model
 
 
 def rope_tables(block_size, head_size, base=10000.0):
-    """cos/sin tables for rotary position embeddings (Su et al. 2021), each (block_size, head_size/2)."""
+    """cos/sin tables for rotary position embeddings (Su et al. 2021), each (block_size, 1, head_size/2):
+    one row per position, broadcast over the heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)[:, None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    # Rotate the two halves of each head as pairs: the "rotate_half" layout of GPT-NeoX and Llama,
-    # so the weights export to those Hugging Face classes unchanged.
+    # Rotate the two halves of each head as pairs: the "rotate_half" layout of GPT-NeoX and Llama.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -164,12 +186,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    # The backward of PyTorch's CPU flash-attention kernel computes at fp32 speed. When training on CPU, the
-    # explicit softmax(q k^T) v runs its matmuls in bf16, and the default config trains 1.13x faster with it
-    # (bench/train_speed.py --paired "default, SDPA on CPU"; 1.02x to 1.26x unpaired); its T x T scores take
-    # 1 MB per head and row at T = 512. The fused kernel's forward is fast (one decoding step: 19 against 54 us
-    # per layer at 512 keys), so without gradients (evaluation, chat) and on other devices it is the one used.
-    sdpa_on_cpu = False
+    """Multi-head self-attention in which each position sees only itself and earlier positions."""
 
     def __init__(self, config):
         super().__init__()
@@ -178,46 +195,27 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        if config.qk_norm:
-            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head)
-            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head)
-        # Added to the scores: -inf above the diagonal, so no position attends to a later one. Not persistent:
-        # derived from the config. A stored table compiles to faster code than a mask built in forward.
-        causal_bias = torch.full((config.block_size, config.block_size), float("-inf")).triu(1)
-        self.register_buffer("causal_bias", causal_bias, persistent=False)
 
     def forward(self, x, rope=None, kv_cache=None, layer=0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head)  # (B, T, nh, hs)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             # The cache is filled by one prefill into an empty cache, then one token at a time; a single
             # new query attends to every cached key, so it needs no mask.
             assert T == 1 or kv_cache.length == 0, "prefill must start from an empty cache"
             k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and torch.is_grad_enabled() and not self.sdpa_on_cpu:
-            y = self.explicit_attention(q, k, v, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
+        # softmax(q k^T / sqrt(hs) + causal mask) v in one fused kernel (flash attention where available).
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-    def explicit_attention(self, q, k, v, dropout_p):
-        """softmax(q k^T / sqrt(hs) + causal mask) v. The softmax runs in fp32, the matmuls in q's dtype."""
-        T, S = q.size(2), k.size(2)
-        scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-        if T > 1:  # a prefill or a training row: positions 0..T-1 (one new token sees every cached key)
-            scores = scores + self.causal_bias[:T, :S]
-        weights = F.dropout(F.softmax(scores, dim=-1), p=dropout_p).to(v.dtype)
-        return weights @ v  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -250,15 +248,11 @@ class Block(nn.Module):
         return x
 
 
-IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
-
-
 class CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits (N, V) against targets (N,), over the targets that are not IGNORE_INDEX
     (0, not NaN, when all are), with its gradient written out: (softmax(logits) - one_hot(target)) / n_targets.
     Autograd's own backward, compiled, builds the one-hot by comparing every vocabulary index with the
-    target; this one overwrites the target column alone. The default config trains 1.04x to 1.06x faster
-    with it (bench/train_speed.py --paired "default, autograd cross-entropy", three runs)."""
+    target; this one overwrites the target column alone."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -317,7 +311,7 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
 
     def num_params(self):
-        """Parameters counted once (the tied embedding is shared with lm_head)."""
+        """Parameters counted once: named_parameters() yields the tied embedding a single time."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -340,11 +334,15 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = CrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = self.loss(logits.view(-1, logits.size(-1)), targets.view(-1))
             # Only the loss is differentiated. Logits that still required grad would make autograd zero-fill
             # a (B, T, vocab_size) gradient for them on every backward.
             logits = logits.detach()
         return logits, loss
+
+    def loss(self, logits, targets):
+        """Mean next-token cross-entropy of logits (N, V) against targets (N,)."""
+        return CrossEntropy.apply(logits, targets)
 
 
 def check_model_config(config):
@@ -368,6 +366,19 @@ def check_model_config(config):
 # side of the train/val split.
 
 
+def read_json_lines(f, path):
+    """Rows of a JSONL stream. A malformed line stops the run, naming the file's own line number: silently
+    skipping it would change what the model trains on."""
+    rows = []
+    for number, line in enumerate(f, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path}, line {number}: not valid JSON ({e.msg}); fix or delete that line")
+    return rows
+
+
 def read_records(path):
     """Rows of a local .jsonl, .jsonl.gz, .json or .parquet file, as dicts."""
     name = path.name.lower()
@@ -380,11 +391,25 @@ def read_records(path):
             if name.endswith((".json", ".json.gz")):
                 rows = json.load(f)
                 return rows if isinstance(rows, list) else [rows]
-            return [json.loads(line) for line in f if line.strip()]
+            return read_json_lines(f, path)
+    except UserError:
+        raise
     except (OSError, UnicodeDecodeError, ValueError, EOFError) as e:
         raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except Exception as e:  # pyarrow raises its own error types
         raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def hub_reachable(timeout=3.0):
+    """One quick connection attempt, so that an offline machine fails in seconds instead of waiting out
+    the datasets library's retries. HF_HUB_OFFLINE=1 or HF_ENDPOINT skip it (a local cache or a mirror)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_ENDPOINT"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def read_source(spec, split="train"):
@@ -394,12 +419,16 @@ def read_source(spec, split="train"):
         return read_records(path)
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         raise UserError(f"data path not found or not a file: {spec}")
+    if not hub_reachable():
+        raise UserError(f"the Hugging Face hub is unreachable, so {spec} cannot be downloaded; pass local files "
+                        f"with --data PATH (or set HF_HUB_OFFLINE=1 to use a cached copy)")
     try:
         import datasets
         return datasets.load_dataset(spec, split=split).to_list()
     except Exception as e:
         raise UserError(f"could not load the dataset {spec} from the Hugging Face hub ({type(e).__name__}); "
                         f"without network access pass local files with --data PATH")
+
 
 
 def normalize_text(text):
@@ -599,16 +628,11 @@ def content_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def atomic_write_text(path, text):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_texts(cfg):
     """Read every source, build conversations, split train/val and record where they came from."""
     langs = parse_langs(cfg.langs)
-    started = time.time()
     train = conversations_from_sources(cfg.data, "train", langs, cfg.branches, cfg.max_samples)
     if cfg.val_data:
         val = conversations_from_sources(cfg.val_data, "validation", langs, cfg.branches)
@@ -616,7 +640,6 @@ def build_texts(cfg):
         val = conversations_from_sources(cfg.data, "validation", langs, cfg.branches)
     else:
         train, val = split_by_group(train)
-    before = len(train)
     train = decontaminate(train, val)
     if not train:
         raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
@@ -624,7 +647,6 @@ def build_texts(cfg):
     if not val:
         raise UserError("no validation conversations: give --val_data or more data")
     return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val]),
-            "stats": {"seconds": round(time.time() - started, 1), "dropped_as_in_val": before - len(train)},
             "train": train, "val": val}
 
 
@@ -632,6 +654,29 @@ def build_options(cfg):
     """What train_texts.json depends on: a file built with other options is rebuilt."""
     return {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
             "max_samples": cfg.max_samples}
+
+
+def is_texts_file(texts):
+    conversations = texts.get("train", []) + texts.get("val", []) if isinstance(texts, dict) else []
+    return (isinstance(texts, dict) and isinstance(texts.get("train"), list) and bool(texts["train"])
+            and all(isinstance(c, dict) and isinstance(c.get("turns"), list) for c in conversations))
+
+
+def read_texts_file(path):
+    """A train_texts.json, ours or a user's own: groups, a validation split and a hash are added if missing."""
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        texts = None
+    if not is_texts_file(texts):
+        raise UserError(f"{path} is not a TinyGPT texts file: expected {{'train': [{{'turns': [...]}}], "
+                        f"'val': [...]}}; delete it to rebuild it from --data")
+    for c in texts["train"] + texts.get("val", []):
+        c.setdefault("group", content_hash(c["turns"]))
+    if not texts.get("val"):
+        texts["train"], texts["val"] = split_by_group(texts["train"])
+    texts.setdefault("sha256", content_hash([texts["train"], texts["val"]]))
+    return texts
 
 
 def load_or_build_texts(cfg):
@@ -644,31 +689,12 @@ def load_or_build_texts(cfg):
         if texts.get("build", options) == options:
             return texts, "reused"
     texts = build_texts(cfg)
-    atomic_write_text(path, json.dumps(texts, ensure_ascii=False))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8"))
     return texts, "built"
 
 
-def read_texts_file(path):
-    try:
-        texts = json.loads(path.read_text(encoding="utf-8"))
-        assert isinstance(texts, dict) and isinstance(texts["train"], list) and texts["train"]
-        assert all(isinstance(c["turns"], list) for c in texts["train"] + texts.get("val", []))
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise UserError(f"{path} is not a TinyGPT texts file: expected {{'train': [{{'turns': [...]}}], "
-                        f"'val': [...]}}; delete it to rebuild it from --data")
-    for c in texts["train"] + texts.get("val", []):
-        c.setdefault("group", content_hash(c["turns"]))
-    if not texts.get("val"):
-        texts["train"], texts["val"] = split_by_group(texts["train"])
-    texts.setdefault("sha256", content_hash([texts["train"], texts["val"]]))
-    return texts
-
-
 # -----------------------------------------------------------------------------
-# Tokenizer: byte-level BPE (any UTF-8 text round-trips) plus chat special tokens.
-
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+# Tokenizer: byte-level BPE (any UTF-8 text round-trips) plus the chat's special tokens.
 
 
 def train_tokenizer(texts, vocab_size):
@@ -765,9 +791,7 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
             return cached["ids"], cached["mask"]
     ids, mask = tokenize_to_arrays(tokenizer, conversations)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=ids, mask=mask)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, ids=ids, mask=mask))
     return ids, mask
 
 
@@ -813,6 +837,8 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
     return rows
 
 
+
+
 # -----------------------------------------------------------------------------
 # Device, precision and the optimizer
 
@@ -850,10 +876,11 @@ def pick_dtype(requested, device):
 
 
 def keep_freed_memory():
-    """glibc serves big blocks (the 64 MB logits, their gradient) with fresh mmap pages and unmaps them on
-    free, so every step would page-fault them in again: a (4096, 256) @ (256, 8192) bf16 matmul took 26 ms
-    instead of 7. Keeping freed memory in the heap makes the default training step 1.22x to 1.45x faster on
-    CPU (five runs of bench/train_speed.py, "default, plain malloc" against "default")."""
+    """Tell glibc to keep freed memory in the process's heap. By default it serves big blocks (the 64 MB
+    logits, their gradient) with fresh mmap pages and unmaps them on free, so every training step
+    page-faults them in again: a (4096, 256) @ (256, 8192) bf16 matmul then takes 26 ms instead of 7. This
+    changes the allocator of the whole process, so only a training run started from the command line calls
+    it (newgpt.py's __main__), never an import of this module into a chat, a server or a notebook."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
@@ -889,9 +916,7 @@ class Muon(torch.optim.Optimizer):
     so that every direction of the matrix moves by a similar amount. The step is scaled by
     0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025), so that one learning rate and
     schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
-    (tests/test_model.py checks that), but orthogonalises same-shaped matrices together in batched matmuls,
-    which makes the default config train 1.08x faster on CPU (bench/train_speed.py --paired
-    "default, torch.optim.Muon"; 1.02x to 1.11x unpaired)."""
+    (a test checks that), but orthogonalises same-shaped matrices together in batched matmuls."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
@@ -972,6 +997,8 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
     return loss_sum / max(1, n_targets), bits_sum / max(1, n_bytes)
 
 
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -992,15 +1019,37 @@ def latest_checkpoint(out_dir):
 
 
 def save_checkpoint(state, out_dir, keep_last):
-    """Write to a temp file, then os.replace: a kill mid-save never damages the previous checkpoint."""
+    """Written atomically, then out_dir/latest points at it; only the keep_last newest are kept."""
     path = Path(out_dir) / f"gpt_step{state['step']:04d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    atomic_write_text(Path(out_dir) / "latest", path.name + "\n")
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(out_dir) / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
     for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
+
+
+def why_unreadable(path, error):
+    """What is wrong with a file torch.load could not read, in words a user can act on."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not is_zip:
+        return "is not a PyTorch checkpoint at all"
+    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
+        return "holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT checkpoint"
+    return f"is truncated or damaged ({size:,} bytes; was it copied or saved completely?)"
+
+
+def model_config_from(stored):
+    """GPTConfig from a checkpoint's dict. Options that an older version stored switched off are ignored;
+    one switched on cannot be rebuilt."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    for name, value in stored.items():
+        if name not in known and value:
+            raise UserError(f"the checkpoint uses --{name}, an option this version of TinyGPT does not have")
+    return GPTConfig(**{name: value for name, value in stored.items() if name in known})
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1017,16 +1066,20 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model_config = GPTConfig(**ckpt["model_config"])
-        state_dict = ckpt["model"]
-        tokenizer_info = ckpt["tokenizer"]
     except Exception as e:
-        raise UserError(f"{path} is not a readable TinyGPT checkpoint ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:120]})")
-    tokenizer_path = path.parent / tokenizer_info["file"]
+        raise UserError(f"{path} {why_unreadable(path, e)}; use another checkpoint or train a new one")
+    missing = [key for key in ("model", "model_config", "tokenizer", "step")
+               if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is a PyTorch file but not a TinyGPT checkpoint (it has no {missing[0]!r})")
+    try:
+        model_config = model_config_from(ckpt["model_config"])
+    except UserError as e:
+        raise UserError(f"{path}: {e}")
+    tokenizer_path = path.parent / ckpt["tokenizer"]["file"]
     if not tokenizer_path.is_file():
-        raise UserError(f"{path}: its tokenizer {tokenizer_path} is missing")
-    if file_sha256(tokenizer_path) != tokenizer_info["sha256"]:
+        raise UserError(f"{path}: its tokenizer {tokenizer_path} is missing; copy it next to the checkpoint")
+    if file_sha256(tokenizer_path) != ckpt["tokenizer"]["sha256"]:
         raise UserError(f"{path}: {tokenizer_path} is not the tokenizer this checkpoint was trained with")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() != model_config.vocab_size:
@@ -1034,26 +1087,32 @@ def load_checkpoint(path, device="cpu"):
                         f"{model_config.vocab_size}")
     model = GPT(model_config)
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0][:120]})")
     return model.to(device), tokenizer, ckpt
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training: setup, data, model, then the loop
 
 
 class StopRequest:
     """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one
-    interrupts at once."""
+    interrupts at once. Used as a context manager, it puts the previous handlers back on exit."""
 
     def __init__(self):
         self.requested = False
+        self.previous = {}
 
-    def install(self):
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -1080,49 +1139,13 @@ def barrier(world_size):
         torch.distributed.barrier()
 
 
-def prepare_tokenizer(texts, vocab_size, out_dir):
-    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
-    another run's checkpoints keep their own tokenizer."""
-    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
-    if not path.is_file():
-        contents = (t["content"] for c in texts["train"] for t in c["turns"])
-        tokenizer = train_tokenizer(contents, vocab_size)
-        tmp = path.with_name(path.name + ".tmp")
-        tokenizer.save(str(tmp))
-        os.replace(tmp, path)
-    return path
-
-
-def prepare_data(cfg, model_config, rank, world_size, log, resumed_tokenizer=None):
-    """train_texts.json, the tokenizer (trained, or the resumed checkpoint's) and the token caches.
-    Rank 0 writes them while the other ranks wait, then the others read them."""
-    started = time.time()
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            texts, how = load_or_build_texts(cfg)
-            tokenizer_path = resumed_tokenizer or prepare_tokenizer(texts, model_config.vocab_size, cfg.out_dir)
-            tokenizer, tokenizer_sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
-            arrays = {split: cached_token_arrays(tokenizer, tokenizer_sha, texts[split], texts["sha256"], split,
-                                                 Path(cfg.out_dir) / "data") for split in ("train", "val")}
-        barrier(world_size)
-    train_token_bytes = token_byte_lengths(tokenizer)[arrays["train"][0]]
-    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
-    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
-        f"{n_messages['train']:,} / {n_messages['val']:,} messages, "
-        f"{len(arrays['train'][0]):,} / {len(arrays['val'][0]):,} tokens, "
-        f"{train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
-        f"{time.time() - started:.1f}s")
-    return texts, tokenizer, tokenizer_path, tokenizer_sha, arrays
-
-
-def check_out_dir(out_dir):
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(out_dir) / f".write_test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to checkpoint directory {out_dir}: {e.strerror or e}")
+def stop_agreed(local_stop, world_size, device):
+    """All ranks stop at the same step, or DDP would hang waiting for the one that left."""
+    if world_size == 1:
+        return bool(local_stop)
+    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
 
 
 def check_train_config(cfg):
@@ -1136,7 +1159,19 @@ def check_train_config(cfg):
         raise UserError(f"--all_tokens_fraction must be between 0 and 1, got {cfg.all_tokens_fraction}")
 
 
+def check_out_dir(out_dir):
+    """Fail before any work if out_dir cannot be created or written, without creating it yet: a run that
+    fails later (no network, bad data) leaves nothing behind."""
+    path = Path(out_dir).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is not writable")
+
+
 def resolve_resume(cfg):
+    """The checkpoint to continue from, or None for a new run (which must not mix with an old one)."""
     if not cfg.resume:
         existing = checkpoint_paths(cfg.out_dir)
         if existing:
@@ -1149,6 +1184,94 @@ def resolve_resume(cfg):
             raise UserError(f"--resume: no checkpoint in {cfg.out_dir}/ to resume from")
         return path
     return Path(cfg.resume)
+
+
+def prepare_tokenizer(texts, vocab_size, out_dir):
+    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
+    another run's checkpoints keep their own tokenizer."""
+    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+    if not path.is_file():
+        contents = (t["content"] for c in texts["train"] for t in c["turns"])
+        tokenizer = train_tokenizer(contents, vocab_size)
+        atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
+    return path
+
+
+@dataclass
+class PreparedData:
+    texts: dict
+    tokenizer: object
+    tokenizer_info: dict  # {"file", "sha256"}: stored in checkpoints, checked by load_checkpoint
+    arrays: dict  # split -> (token ids, target mask)
+
+
+def load_or_build_data(cfg, vocab_size, resumed):
+    """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
+    token caches, each reused when already on disk."""
+    texts, how = load_or_build_texts(cfg)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # created only once the data is there
+    if resumed is None:
+        tokenizer_path = prepare_tokenizer(texts, vocab_size, cfg.out_dir)
+    else:
+        tokenizer_path = Path(cfg.out_dir) / resumed["file"]
+        if not tokenizer_path.is_file():
+            atomic_write(tokenizer_path, lambda tmp: tmp.write_bytes((Path(resumed["dir"]) / resumed["file"])
+                                                                      .read_bytes()))
+    tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
+    arrays = {split: cached_token_arrays(tokenizer, sha, texts[split], texts["sha256"], split,
+                                         Path(cfg.out_dir) / "data") for split in ("train", "val")}
+    return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
+
+
+def prepare_data(cfg, vocab_size, rank, world_size, log, resumed=None):
+    """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
+    read what it wrote."""
+    started = time.time()
+    log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ "
+        f"(about 20 s the first time, reused afterwards)")
+    if rank == 0:
+        data, how = load_or_build_data(cfg, vocab_size, resumed)
+    barrier(world_size)
+    if rank > 0:
+        data, how = load_or_build_data(cfg, vocab_size, resumed)
+    texts, (train_ids, _), (val_ids, _) = data.texts, data.arrays["train"], data.arrays["val"]
+    train_token_bytes = token_byte_lengths(data.tokenizer)[train_ids]
+    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
+    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
+        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {len(train_ids):,} / {len(val_ids):,} tokens, "
+        f"{train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
+        f"{time.time() - started:.1f}s")
+    return data
+
+
+def packed_splits(data, model_config, cfg):
+    """Training rows (targets per --loss_on) and validation rows (always the assistant's tokens)."""
+    train_rows = PackedRows(*data.arrays["train"], model_config.block_size, cfg.loss_on)
+    val_rows = PackedRows(*data.arrays["val"], model_config.block_size, "assistant",
+                          data.tokenizer.token_to_id("<|pad|>"))
+    if train_rows.n_rows < 1 or val_rows.n_rows < 1:
+        raise UserError(f"too little data for block_size {model_config.block_size}: {train_rows.n_rows} train / "
+                        f"{val_rows.n_rows} val rows")
+    return train_rows, val_rows
+
+
+def restore_training_state(ckpt, model, optimizers, resume_path):
+    """Weights, optimizer moments and the RNG of a checkpoint; returns the step to continue from."""
+    model.load_state_dict(ckpt["model"])
+    if len(ckpt["optimizers"]) != len(optimizers):
+        raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
+    for optimizer, state in zip(optimizers, ckpt["optimizers"]):
+        optimizer.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"]
+
+
+def checkpoint_state(model, optimizers, model_config, cfg, data, step, val_loss):
+    """Everything --resume needs to continue exactly, and everything chat needs to rebuild the model."""
+    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            "model_config": asdict(model_config), "train_config": asdict(cfg), "step": step,
+            "val_loss": val_loss, "tokenizer": data.tokenizer_info, "texts_sha256": data.texts["sha256"],
+            "rng": {"torch": torch.get_rng_state()}}
 
 
 def write_metrics(path, record):
@@ -1179,6 +1302,50 @@ def plot_metrics(metrics_path, png_path):
     plt.close(fig)
 
 
+def format_minutes(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """The progress bar and the run's time estimate. Speed is measured over the last `window` steps
+    (the first step, which compiles, and evaluations are left out), and the time left honours
+    --max_minutes. Once the window is full, one line says when the run will end."""
+
+    def __init__(self, cfg, step, tokens_per_step, enabled, window=20):
+        self.max_steps, self.tokens_per_step = cfg.max_steps, tokens_per_step
+        self.deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        self.step_seconds = deque(maxlen=window)
+        self.skipped_first, self.announced = False, False
+        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True, unit="step",
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def update(self, step, seconds, loss, lr):
+        """Record one finished step; returns the recent tokens per second (None until it is known)."""
+        self.bar.update(1)
+        if not self.skipped_first:
+            self.skipped_first = True
+            return None
+        self.step_seconds.append(seconds)
+        tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
+        by_steps = (self.max_steps - step) * sum(self.step_seconds) / len(self.step_seconds)
+        left = max(0.0, min(by_steps, self.deadline - time.time()))
+        self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left")
+        if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
+            self.announced = True
+            end = time.strftime("%H:%M", time.localtime(time.time() + left))
+            limit = " (the --max_minutes limit)" if left < by_steps else ""
+            self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}{limit}, "
+                       f"at {end}, plus evaluations")
+        return tok_s
+
+    def write(self, line):
+        if not self.bar.disable:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+
+
 def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx):
     """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it)."""
@@ -1190,8 +1357,6 @@ def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, devic
         rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
         all_tokens = step < cfg.all_tokens_fraction * cfg.max_steps  # curriculum: all text first
         x, y = train_rows.get(rows, loss_on="all" if all_tokens else None)
-        if step < cfg.curriculum_steps:  # curriculum: the same tokens as 4x more rows of quarter length
-            x, y = x.reshape(-1, x.size(1) // 4), y.reshape(-1, y.size(1) // 4)  # (4B, T/4)
         x, y = x.to(device), y.to(device)
         sync = world_size == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
@@ -1206,129 +1371,130 @@ def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, devic
     return step_loss, lr
 
 
-def train(cfg, model_config):
+@dataclass
+class Run:
+    """What the parts of one training run share: its configs, where it runs, and its data."""
+    cfg: TrainConfig
+    model_config: GPTConfig
+    device: str
+    dtype: str
+    rank: int = 0
+    world_size: int = 1
+    data: PreparedData = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.master:
+            print(*args)
+
+
+def setup_run(cfg, model_config):
+    """Check the flags, pick the device, find the checkpoint to resume and prepare the data. Returns
+    (run, checkpoint dict or None, its path or None)."""
     check_train_config(cfg)
     check_model_config(model_config)
-    device = pick_device(cfg.device)
-    rank, world_size, device = setup_distributed(device)
-    master = rank == 0
-    log = print if master else (lambda *args, **kwargs: None)
     check_out_dir(cfg.out_dir)
-    resume_path = resolve_resume(cfg)
-    ckpt, resumed_tokenizer = None, None
-    if resume_path is not None:
-        _, _, ckpt = load_checkpoint(resume_path)
-        model_config = GPTConfig(**ckpt["model_config"])  # the architecture is fixed by the checkpoint
-        resumed_tokenizer = Path(cfg.out_dir) / ckpt["tokenizer"]["file"]
-        if master and not resumed_tokenizer.is_file():
-            shutil.copyfile(resume_path.parent / ckpt["tokenizer"]["file"], resumed_tokenizer)
+    device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    if device == "cpu":
-        keep_freed_memory()
-
-    texts, tokenizer, tokenizer_path, tokenizer_sha, arrays = prepare_data(
-        cfg, model_config, rank, world_size, log, resumed_tokenizer)
-    if ckpt is not None and ckpt["texts_sha256"] != texts["sha256"]:
+    rank, world_size, device = setup_distributed(device)
+    resume_path = resolve_resume(cfg)
+    ckpt = load_checkpoint(resume_path)[2] if resume_path else None
+    resumed_tokenizer = None
+    if ckpt is not None:  # a resumed run continues the checkpoint's architecture and tokenizer
+        model_config = model_config_from(ckpt["model_config"])
+        resumed_tokenizer = ckpt["tokenizer"] | {"dir": str(resume_path.parent)}
+    run = Run(cfg, model_config, device, dtype, rank, world_size)
+    run.data = prepare_data(cfg, model_config.vocab_size, rank, world_size, run.log, resumed_tokenizer)
+    if ckpt is not None and ckpt["texts_sha256"] != run.data.texts["sha256"]:
         raise UserError(f"--resume: {resume_path} was trained on other data than {cfg.texts}; "
                         f"use the same --data and --texts to continue it")
-    model_config.vocab_size = tokenizer.get_vocab_size()
-    if cfg.curriculum_steps and model_config.block_size % 4:
-        raise UserError(f"--curriculum_steps cuts rows into quarters: block_size {model_config.block_size} "
-                        f"must be divisible by 4")
-    train_rows = PackedRows(*arrays["train"], model_config.block_size, cfg.loss_on)
-    val_rows = PackedRows(*arrays["val"], model_config.block_size, "assistant", tokenizer.token_to_id("<|pad|>"))
-    if train_rows.n_rows < 1 or val_rows.n_rows < 1:
-        raise UserError(f"too little data for block_size {model_config.block_size}: {train_rows.n_rows} train / "
-                        f"{val_rows.n_rows} val rows")
-    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
+    model_config.vocab_size = run.data.tokenizer.get_vocab_size()
+    return run, ckpt, resume_path
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_config).to(device)
-    optimizers = configure_optimizers(model, cfg, device)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if len(ckpt["optimizers"]) != len(optimizers):
-            raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
-        for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-            optimizer.load_state_dict(state)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        step = ckpt["step"]
-    raw_model = model  # what is saved and evaluated: no compiled or DDP wrapper in the state_dict
-    if cfg.compile:
+
+def build_model(run, ckpt, resume_path):
+    """The model (uncompiled: what is saved and evaluated), its optimizers and the step to start at."""
+    torch.manual_seed(run.cfg.seed)
+    model = GPT(run.model_config).to(run.device)
+    optimizers = configure_optimizers(model, run.cfg, run.device)
+    step = restore_training_state(ckpt, model, optimizers, resume_path) if ckpt else 0
+    run.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(run.model_config)}")
+    return model, optimizers, step
+
+
+def wrap_for_training(model, run):
+    """torch.compile and DDP wrap the model that the training step runs; the raw one stays for saving."""
+    if run.cfg.compile:
+        run.log("compiling the model (about 40 s the first time; --no-compile skips it)")
         model = torch.compile(model)
-    if world_size > 1:
+    if run.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    ctx = autocast_context(device, dtype)
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {asdict(model_config)}")
-    log(f"training on {device} ({dtype}, {world_size} process{'es' * (world_size > 1)}), "
-        f"{cfg.batch_size * cfg.grad_accum * world_size * model_config.block_size:,} tokens/step"
-        + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+    return model
 
+
+def training_loop(run, model, optimizers, step, val_loss, stop):
+    """Each step in order: evaluate -> checkpoint -> train step -> log. Returns (last step, saved path)."""
+    cfg, master = run.cfg, run.master
+    trained = wrap_for_training(model, run)
+    train_rows, val_rows = packed_splits(run.data, run.model_config, cfg)
+    byte_lengths = torch.from_numpy(token_byte_lengths(run.data.tokenizer)).to(run.device)
+    ctx = autocast_context(run.device, run.dtype)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
-    stop = StopRequest()
-    stop.install()
-    started, val_loss = time.time(), (ckpt or {}).get("val_loss")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * model_config.block_size
-
-    def checkpoint_state():
-        return {"model": raw_model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "model_config": asdict(model_config), "train_config": asdict(cfg), "step": step,
-                "val_loss": val_loss, "tokenizer": {"file": tokenizer_path.name, "sha256": tokenizer_sha},
-                "texts_sha256": texts["sha256"], "rng": {"torch": torch.get_rng_state()},
-                "data_position": {"rows_consumed": step * cfg.grad_accum * world_size * cfg.batch_size,
-                                  "train_rows": train_rows.n_rows}}
-
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    first_step, train_seconds = step, 0.0
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model_config.block_size
+    progress = Progress(cfg, step, tokens_per_step, enabled=master)
+    started, first_step, saved = time.time(), step, None
     while True:
         last_step = step >= cfg.max_steps
         out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
-        stopping = stop_agreed(stop.requested or out_of_time, world_size, device)
+        stopping = stop_agreed(stop.requested or out_of_time, run.world_size, run.device)
         if step % cfg.eval_interval == 0 or last_step or stopping:
-            val_loss, val_bpb = evaluate(raw_model, val_rows, byte_lengths, cfg, ctx, device)
+            val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
             if master:
                 write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                              "elapsed_s": round(time.time() - started, 1)})
-                progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+            progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
         if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
-            saved = save_checkpoint(checkpoint_state(), cfg.out_dir, cfg.keep_last)
+            state = checkpoint_state(model, optimizers, run.model_config, cfg, run.data, step, val_loss)
+            saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
         if last_step or stopping:
             break
 
         step_started = time.time()
-        step_loss, lr = train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx)
+        loss, lr = train_step(trained, optimizers, train_rows, step, cfg, run.rank, run.world_size, run.device,
+                              ctx)
         step += 1
-        train_seconds += time.time() - step_started
-
-        tok_per_s = tokens_per_step * (step - first_step) / train_seconds  # evaluation time excluded
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_per_s:,.0f}")
+        tok_per_s = progress.update(step, time.time() - step_started, loss, lr)
         if master and step % cfg.log_interval == 0:
-            write_metrics(metrics_path, {"step": step, "train_loss": step_loss, "lr": lr, "tok_per_s": round(tok_per_s),
+            write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
+                                         "tok_per_s": round(tok_per_s or 0),
                                          "elapsed_s": round(time.time() - started, 1)})
     progress.close()
-    if master:
-        plot_metrics(metrics_path, Path(cfg.out_dir) / "loss.png")
-        if step > first_step:
-            log(f"saved {saved}; loss curve in {Path(cfg.out_dir) / 'loss.png'}")
-    if world_size > 1:
+    return step, saved
+
+
+def train(cfg, model_config):
+    """One training run, from flags to checkpoints; returns the exit status (130 after Ctrl-C)."""
+    run, ckpt, resume_path = setup_run(cfg, model_config)
+    model, optimizers, step = build_model(run, ckpt, resume_path)
+    run.log(f"training on {run.device} ({run.dtype}, {run.world_size} process{'es' * (run.world_size > 1)})"
+            + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+    with StopRequest() as stop:
+        end_step, saved = training_loop(run, model, optimizers, step, (ckpt or {}).get("val_loss"), stop)
+    if run.master:
+        plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
+        if saved:
+            run.log(f"saved {saved}; loss curve in {Path(cfg.out_dir) / 'loss.png'}")
+    if run.world_size > 1:
         torch.distributed.destroy_process_group()
     if stop.requested:
-        log("interrupted: checkpoint saved; continue with --resume")
+        run.log("interrupted: checkpoint saved; continue with --resume")
         return 130
-    if step < cfg.max_steps:
-        log(f"stopped at the --max_minutes limit ({cfg.max_minutes:g}); continue with --resume")
+    if end_step < cfg.max_steps:
+        run.log(f"stopped at the --max_minutes limit ({cfg.max_minutes:g}); continue with --resume")
     return 0
-
-
-def stop_agreed(local_stop, world_size, device):
-    """All ranks stop at the same step, or DDP would hang waiting for the one that left."""
-    if world_size == 1:
-        return bool(local_stop)
-    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
 
 
 # -----------------------------------------------------------------------------
@@ -1369,16 +1535,6 @@ def build_parser():
     return parser
 
 
-# The original project's recipe, for comparisons: `python newgpt.py --recipe seed` (explicit flags still win).
-# Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
-RECIPES = {
-    "default": {},
-    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
-             "qk_norm": False, "dtype": "float32", "optimizer": "adamw", "compile": False, "curriculum_steps": 0,
-             "all_tokens_fraction": 0.0},
-}
-
-
 def parse_args(argv=None):
     parser = build_parser()
     recipe = parser.parse_known_args(argv)[0].recipe
@@ -1406,4 +1562,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

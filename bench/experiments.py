@@ -30,16 +30,15 @@ VAL_DATA = [DATA / "oasst/oasst1_en_validation.messages.jsonl.gz"]
 BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry) unless a variant sets it
 
 # Flags on top of newgpt.py's current defaults. Some rows were measured against earlier defaults (muon and
-# relu2 before they won, 2 heads while 4 was the default); the README's tables name each round's baseline.
+# relu2 before they won, 2 heads while 4 was the default); bench/RESULTS.md names each round's baseline.
+# The QK-norm and sequence-length-curriculum variants lost their ablations and their options were removed.
 VARIANTS = {
     "default": [],
     "learned positions": ["--pos_encoding", "learned"],
     "muon": ["--optimizer", "muon"],
     "relu2": ["--mlp_act", "relu2"],
-    "qk_norm": ["--qk_norm"],
     "biases": ["--bias"],
     "loss on all tokens": ["--loss_on", "all"],
-    "curriculum 30%": ["--curriculum_steps", "30%"],  # a percentage of the run's steps
     "vocab 4096": ["--vocab_size", "4096"],
     "vocab 16384": ["--vocab_size", "16384"],
     "6 layers x 384": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384"],
@@ -71,23 +70,13 @@ def final_validation(metrics_path):
     return val[-1], speed[-1] if speed else None
 
 
-def without_curriculum(flags):
-    """Throughput is measured at the full sequence length, which the curriculum changes; its step count may
-    still be a percentage of the run, which is what the measurement sizes."""
-    kept = list(flags)
-    if "--curriculum_steps" in kept:
-        i = kept.index("--curriculum_steps")
-        del kept[i:i + 2]
-    return kept
-
-
 def flag_value(flags, name, default):
     return type(default)(flags[flags.index(name) + 1]) if name in flags else default
 
 
 def planned_steps(flags, minutes, batch_size, evaluations):
     """How many steps of this variant fit in `minutes`, from a short measurement of its throughput."""
-    speed = train_speed.measure(without_curriculum(flags), steps=4, batch_size=batch_size)
+    speed = train_speed.measure(flags, steps=4, batch_size=batch_size)
     # An evaluation takes about 3 s; compilation (in warmup_s) happens again in the real run.
     seconds_for_steps = minutes * 60 - speed["warmup_s"] - 3 * (evaluations + 1)
     return int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
@@ -96,13 +85,12 @@ def planned_steps(flags, minutes, batch_size, evaluations):
 def run_variant(name, flags, minutes, texts, fixed_steps=0, evaluations=4):
     batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
     steps = fixed_steps or planned_steps(flags, minutes, batch_size, evaluations)
-    run_flags = [str(int(float(f[:-1]) / 100 * steps)) if f.endswith("%") else f for f in flags]
     out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
                *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
                "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
                "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
-               "--max_minutes", str(minutes * 1.1), *run_flags]
+               "--max_minutes", str(minutes * 1.1), *flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     started = time.time()

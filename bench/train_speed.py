@@ -40,7 +40,6 @@ RECIPES = {
     "seed +bf16 +compile": ["--recipe", "seed", "--dtype", "bfloat16", "--compile"],
     "default -compile": ["--no-compile"],
     "default, plain malloc": [],
-    "default, SDPA on CPU": [],
     "default, torch.optim.Muon": [],
     "default, autograd cross-entropy": [],
     "default, 4 heads of 64": ["--n_head", "4"],
@@ -49,17 +48,15 @@ RECIPES = {
 # Rows that change newgpt's code, not its flags: what each one swaps back to the way it was.
 CODE_CHANGES = {
     "default, plain malloc": "plain_malloc",  # without newgpt.keep_freed_memory()
-    "default, SDPA on CPU": "sdpa_on_cpu",  # F.scaled_dot_product_attention instead of explicit_attention
     "default, torch.optim.Muon": "torch_muon",  # torch.optim.Muon instead of newgpt.Muon
-    "default, autograd cross-entropy": "torch_cross_entropy",  # F.cross_entropy instead of newgpt.CrossEntropy
+    "default, autograd cross-entropy": "torch_cross_entropy",  # GPTWithAutogradLoss
 }
 
 
-class TorchCrossEntropy:
-    """Stands in for newgpt.CrossEntropy: the same loss, with autograd's own backward."""
+class GPTWithAutogradLoss(newgpt.GPT):
+    """The default model with the same loss computed by F.cross_entropy, so autograd writes its backward."""
 
-    @staticmethod
-    def apply(logits, targets):
+    def loss(self, logits, targets):
         loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=newgpt.IGNORE_INDEX,
                                                      reduction="sum")
         return loss_sum / (targets != newgpt.IGNORE_INDEX).sum().clamp(min=1)
@@ -105,23 +102,15 @@ def mfu(result):
     return achieved_tflops(result) / result["bf16_between_steps"]
 
 
-OUR_CROSS_ENTROPY = newgpt.CrossEntropy
-
-
-def use_code(code_change):
-    """Point newgpt at the code that a recipe runs. torch.compile reads these when it traces and guards on
-    them, so models compiled under different settings can take turns in one process (--paired)."""
-    newgpt.CausalSelfAttention.sdpa_on_cpu = code_change == "sdpa_on_cpu"
-    newgpt.CrossEntropy = TorchCrossEntropy if code_change == "torch_cross_entropy" else OUR_CROSS_ENTROPY
-
-
 def build(flags, batch_size, code_change):
     """The model, optimizers, precision and compilation that newgpt.py's flags select, with a code change."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg = newgpt.configs_from_args(args)
-    use_code(code_change)
     torch.manual_seed(0)
-    model = newgpt.GPT(model_config)
+    if code_change == "torch_cross_entropy":
+        model = GPTWithAutogradLoss(model_config)
+    else:
+        model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
     if code_change == "torch_muon":
         hidden = optimizers[-1].param_groups[0]["params"]
@@ -140,7 +129,6 @@ def random_rows(model_config, steps, batch_size):
 
 
 def timed_step(setup, rows, step):
-    use_code(setup["code_change"])
     started = time.perf_counter()
     trained, optimizers, cfg, ctx = setup["trained"], setup["optimizers"], setup["cfg"], setup["ctx"]
     newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
@@ -151,7 +139,7 @@ def run_worker(flags, steps, batch_size, code_change, with_peaks):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
     if code_change != "plain_malloc":
-        newgpt.keep_freed_memory()  # as newgpt.train does on CPU
+        newgpt.keep_freed_memory()  # as newgpt.py's __main__ does
     setup = build(flags, batch_size, code_change)
     model_config = setup["model_config"]
     rows = random_rows(model_config, steps + 3, batch_size)

@@ -3,6 +3,7 @@ text), a tokenizer trained in-process, and a tiny model config that trains in se
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,34 @@ def tokenizer():
 
 
 def run_newgpt(*args, cwd, timeout=180, **kwargs):
-    """Run newgpt.py as a user would, from `cwd`."""
+    """Run newgpt.py as a user would, from `cwd`, in a new process."""
     return subprocess.run([sys.executable, str(REPO / "newgpt.py"), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
+
+
+def train_args(data, out_dir, *extra):
+    """Flags for a tiny training run on `data`, its texts file beside out_dir."""
+    return ["--data", data, "--texts", Path(out_dir).parent / "texts.json", "--out_dir", out_dir, *TINY_FLAGS, *extra]
+
+
+def train_in_process(*args):
+    """newgpt.main(argv) in this process: the same code path as the command line, without the seconds a new
+    Python process spends importing torch. Returns the exit status."""
+    return newgpt.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny run, trained once for every test that only needs *a* checkpoint: 4 steps, saved at 2 and 4.
+    Tests that change files copy them first (see copy_run)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(tmp / "oasst.jsonl.gz", oasst_rows())
+    status = train_in_process(*train_args(data, tmp / "ckpt", "--max_steps", "4", "--save_interval", "2"))
+    assert status == 0, "the shared tiny training run failed"
+    return tmp / "ckpt"
+
+
+def copy_run(run_dir, destination):
+    """A copy of a run's directory (checkpoints and tokenizer), for a test that damages or edits it."""
+    shutil.copytree(run_dir, destination)
+    return destination

@@ -1,6 +1,7 @@
 """chat_with_model.py: KV-cache generation, sampling, UTF-8 streaming, history and the REPL."""
 
 import dataclasses
+import io
 import subprocess
 import sys
 
@@ -12,10 +13,10 @@ import newgpt
 from conftest import REPO, TINY_FLAGS, oasst_rows, run_newgpt, write_jsonl
 
 
-def tiny_model(pos_encoding, block_size=32, qk_norm=False):
+def tiny_model(pos_encoding, block_size=32):
     torch.manual_seed(0)
     config = newgpt.GPTConfig(vocab_size=300, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                              pos_encoding=pos_encoding, qk_norm=qk_norm)
+                              pos_encoding=pos_encoding)
     return newgpt.GPT(config).eval()
 
 
@@ -40,9 +41,8 @@ def run_chat(*args, stdin="", timeout=120):
 
 
 @pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_kv_cache_matches_full_forward(pos_encoding, qk_norm):
-    model = tiny_model(pos_encoding, qk_norm=qk_norm)
+def test_kv_cache_matches_full_forward(pos_encoding):
+    model = tiny_model(pos_encoding)
     idx = torch.randint(0, 300, (2, 30))
     full, _ = model(idx)
     cache = newgpt.KVCache(model.config)
@@ -161,6 +161,11 @@ def test_a_huge_message_is_cut_to_fit_with_a_notice(checkpoint_dir):
 # ---- the program
 
 
+def transcript_answers(stdout):
+    """The answers of a piped chat's transcript: the text after each "bot> ", up to the blank line."""
+    return [block.split("bot> ", 1)[1].rstrip("\n") for block in stdout.split("\nyou> ") if "bot> " in block]
+
+
 def test_piped_repl_multi_turn_reset_set_and_odd_lines(checkpoint_dir):
     stdin = "\n".join(["Hello there", "", "/set temperature=-1 top_k=x", "/settings", "And then?", "/reset",
                        "x" * 100_000, "/quit", "never read"]) + "\n"
@@ -170,15 +175,33 @@ def test_piped_repl_multi_turn_reset_set_and_odd_lines(checkpoint_dir):
     assert "temperature must be >= 0" in out and "top_k needs an integer" in out
     assert "temperature=0.0" in out and "(conversation cleared)" in out
     assert "kept its last" in result.stderr, "the huge line is cut with a notice on stderr"
-    assert "Traceback" not in result.stderr and "you>" not in out, "piped output has no prompts"
+    assert "Traceback" not in result.stderr and "never read" not in out
+    assert out.startswith("you> Hello there\nbot> "), "piped input gives a transcript"
+    assert len(transcript_answers(out)) == 3, "one answer for each of the three messages"
 
 
 def test_a_long_piped_conversation_never_overflows_the_window(checkpoint_dir):
-    turns = ["/system Answer briefly."] + [f"Tell me fact number {i} about the sea" for i in range(40)]
-    result = run_chat("--ckpt", checkpoint_dir, "--max_new_tokens", "12", stdin="\n".join(turns) + "\n")
+    questions = [f"Tell me fact number {i} about the sea" for i in range(40)]
+    result = run_chat("--ckpt", checkpoint_dir, "--max_new_tokens", "12",
+                      stdin="\n".join(["/system Answer briefly.", *questions]) + "\n")
     assert result.returncode == 0, result.stderr
     assert "(system prompt set; conversation cleared)" in result.stdout
-    assert result.stdout.count("\n") >= 41, "one answer line per user turn"
+    answers = transcript_answers(result.stdout)
+    assert len(answers) == 40 and all(answers), "every question gets an answer of its own, none empty"
+    assert [line[5:] for line in result.stdout.splitlines() if line.startswith("you> ")][1:] == questions
+
+
+def test_multi_line_answers_stay_apart_in_piped_mode(checkpoint_dir, monkeypatch, capsys):
+    session = make_chat(checkpoint_dir)
+    replies = iter(["first line\nsecond line\n\nlast line", "another\nanswer"])
+
+    def scripted_reply(prompt_ids):
+        yield next(replies)
+    monkeypatch.setattr(session, "stream_reply", scripted_reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    chat.repl(session, interactive=False, show_speed=False)
+    assert capsys.readouterr().out == ("you> one\nbot> first line\nsecond line\n\nlast line\n\n"
+                                       "you> two\nbot> another\nanswer\n\n")
 
 
 def test_prompt_flag_answers_once_and_is_deterministic(checkpoint_dir):
@@ -198,9 +221,9 @@ def test_missing_corrupt_and_foreign_checkpoints_give_one_line_errors(tmp_path, 
     corrupt.write_bytes((checkpoint_dir / "gpt_step0002.pt").read_bytes()[:5000])
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    for path in (corrupt, foreign):
+    for path, message in ((corrupt, "is truncated or damaged"), (foreign, "not a TinyGPT checkpoint")):
         result = run_chat("--ckpt", path, "--prompt", "hi")
-        assert result.returncode != 0 and "not a readable TinyGPT checkpoint" in result.stderr, result.stderr
+        assert result.returncode != 0 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     bad_flag = run_chat("--ckpt", checkpoint_dir, "--top_p", "3", "--prompt", "hi")
     assert bad_flag.returncode != 0 and "top_p must be in" in bad_flag.stderr

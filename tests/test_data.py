@@ -160,6 +160,9 @@ def test_oasst_table_in_parquet_reads_like_jsonl(tmp_path):
 def test_missing_path_and_bad_json_are_user_errors(tmp_path):
     with pytest.raises(newgpt.UserError, match="not found"):
         newgpt.read_source(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(newgpt.UserError, match="cannot read"):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{not json\n')
+    with pytest.raises(newgpt.UserError, match=r"bad.jsonl, line 3: not valid JSON"):
         newgpt.read_source(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(newgpt.UserError, match="cannot read"):
+        newgpt.read_source(str(tmp_path / "bad.jsonl.gz"))

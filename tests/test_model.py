@@ -1,5 +1,8 @@
 """Tokenizer, chat rendering, batches and the model itself."""
 
+import math
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -78,7 +81,7 @@ def test_training_rows_cover_an_epoch_without_repeats():
 
 
 VARIANTS = [{"pos_encoding": "rope"}, {"pos_encoding": "learned", "bias": True},
-            {"qk_norm": True, "mlp_act": "relu2"}]
+            {"mlp_act": "gelu"}]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -100,8 +103,16 @@ def test_input_and_output_embeddings_are_one_tensor():
     with torch.no_grad():
         model.transformer.wte.weight[5, 0] = 42.0
     assert model.lm_head.weight[5, 0].item() == 42.0
-    assert "lm_head.weight" in model.state_dict() and model.num_params() == sum(
-        p.numel() for name, p in model.named_parameters()), "the tied matrix is counted once"
+    assert "lm_head.weight" in model.state_dict()
+
+
+def test_parameter_count_matches_the_architecture():
+    V, C, L, T = 300, 32, 2, 32
+    per_block = 12 * C * C + 2 * C  # c_attn 3C^2, attention c_proj C^2, MLP 8C^2; two LayerNorm gains
+    assert newgpt.GPT(tiny_config()).num_params() == V * C + L * per_block + C, "the tied matrix counts once"
+    per_block_with_biases = 12 * C * C + 13 * C  # + biases 3C, C, 4C, C and two LayerNorm biases
+    seed_like = tiny_config(pos_encoding="learned", bias=True)
+    assert newgpt.GPT(seed_like).num_params() == V * C + T * C + L * per_block_with_biases + 2 * C
 
 
 def test_forward_returns_logits_and_loss_and_all_masked_targets_give_zero():
@@ -178,7 +189,7 @@ def test_impossible_configs_are_rejected(overrides, message):
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
-    model = newgpt.GPT(tiny_config(bias=True, qk_norm=True))
+    model = newgpt.GPT(tiny_config(bias=True))
     adamw, muon = newgpt.configure_optimizers(model, newgpt.TrainConfig(optimizer="muon"), "cpu")
     assert isinstance(muon, newgpt.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -207,26 +218,78 @@ def test_batched_muon_matches_torch_muon():
     assert optimizers[0].state[ours[0]]["momentum_buffer"].shape == shapes[0], "state is torch's, per parameter"
 
 
-def test_explicit_cpu_attention_matches_sdpa():
-    torch.manual_seed(0)
-    model = newgpt.GPT(tiny_config())
-    idx = torch.randint(0, 300, (2, 32))
-    explicit, _ = model(idx)  # with gradients on the CPU: the written-out attention
-    with torch.no_grad():
-        inference, _ = model(idx)  # without: F.scaled_dot_product_attention
-    newgpt.CausalSelfAttention.sdpa_on_cpu = True
-    try:
-        fused, _ = model(idx)
-    finally:
-        newgpt.CausalSelfAttention.sdpa_on_cpu = False
-    for other in (inference, fused):
-        assert torch.allclose(explicit, other, atol=1e-5), f"differs by {(explicit - other).abs().max().item():.2g}"
+def test_gradient_accumulation_equals_one_big_batch():
+    """grad_accum=2 with batch 2 takes the same optimizer step as batch 4: the same rows, and with every
+    token a target each micro-batch's mean loss carries half the weight."""
+    ids = np.random.default_rng(0).integers(0, 300, 8 * 32 + 1).astype(np.uint16)
+    rows = newgpt.PackedRows(ids, np.ones(len(ids), dtype=np.uint8), 32, loss_on="all")
+    results = []
+    for batch_size, grad_accum in [(4, 1), (2, 2)]:
+        torch.manual_seed(0)
+        model = newgpt.GPT(tiny_config())
+        cfg = newgpt.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, optimizer="adamw", warmup_steps=0)
+        optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
+        loss, _ = newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", nullcontext())
+        results.append((loss, model.state_dict()))
+    (loss_big, big), (loss_accum, accum) = results
+    assert loss_big == pytest.approx(loss_accum, rel=1e-5)
+    for name in big:
+        assert torch.allclose(big[name], accum[name], atol=1e-6), f"{name} differs after one step"
 
 
-def test_seed_recipe_sets_the_original_configuration_and_flags_still_win():
+class UniformModel(torch.nn.Module):
+    """Gives every token the same logit: each target costs exactly ln(vocab_size) nats."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab_size), None
+
+
+def test_bits_per_byte_matches_a_hand_computation(tokenizer):
+    text = "five plus four is 9. Grüße 🙂"
+    conversation = newgpt.make_conversation([("user", "hi"), ("assistant", text)], "g")
+    ids, mask = newgpt.tokenize_to_arrays(tokenizer, [conversation])
+    val_rows = newgpt.PackedRows(ids, mask, block_size=16, loss_on="assistant", pad_id=0)
+    byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
+    V = tokenizer.get_vocab_size()
+    cfg = newgpt.TrainConfig(batch_size=2, eval_tokens=10_000)
+    loss, bpb = newgpt.evaluate(UniformModel(V), val_rows, byte_lengths, cfg, nullcontext(), "cpu")
+    # The targets are the answer's tokens and its <|end|>: the answer's UTF-8 bytes carry all the bits,
+    # and <|end|> (0 bytes) adds a target but no bytes.
+    n_answer_tokens = len(tokenizer.encode(text).ids)
+    assert loss == pytest.approx(math.log(V))
+    assert bpb == pytest.approx(n_answer_tokens * math.log2(V) / len(text.encode("utf-8")))
+
+
+def test_progress_reports_the_recent_speed_and_honours_the_time_budget(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(newgpt.time, "time", lambda: clock[0])
+    cfg = newgpt.TrainConfig(max_steps=1000, max_minutes=10)
+    progress = newgpt.Progress(cfg, step=0, tokens_per_step=4096, enabled=False, window=4)
+    assert progress.update(1, 40.0, 5.0, 1e-3) is None, "the first step compiles: no speed from it"
+    for step in range(2, 6):
+        clock[0] += 0.5
+        tok_s = progress.update(step, 0.5, 5.0, 1e-3)
+    assert tok_s == pytest.approx(4096 / 0.5), "the speed of the recent steps, compilation left out"
+    postfix = progress.bar.postfix
+    assert "8,192 tok/s" in postfix and "8 min left" in postfix, \
+        f"995 steps need 8.3 min, inside the 10-minute budget: {postfix}"
+    short = newgpt.Progress(newgpt.TrainConfig(max_steps=100000, max_minutes=1), 0, 4096, enabled=False, window=2)
+    for step in range(1, 4):
+        short.update(step, 0.5, 5.0, 1e-3)
+    assert "1 min left" in short.bar.postfix, f"the budget, not the steps, ends this run: {short.bar.postfix}"
+
+
+def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win():
     model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed"]))
-    assert (model_config.n_layer, model_config.n_head, model_config.n_embd) == (4, 4, 256)
-    assert model_config.pos_encoding == "learned" and model_config.bias and cfg.dtype == "float32"
-    assert cfg.optimizer == "adamw" and not cfg.compile and cfg.all_tokens_fraction == 0
+    model = newgpt.GPT(model_config)
+    assert model.num_params() == 5_387_776, "4 x 4 x 256 with learned positions and biases, vocabulary 8,192"
+    assert "wpe" in model.transformer and model.transformer.h[0].attn.c_attn.bias is not None
+    assert not model.transformer.h[0].mlp.relu2, "GELU"
+    assert [type(o) for o in newgpt.configure_optimizers(model, cfg, "cpu")] == [torch.optim.AdamW]
+    assert newgpt.pick_dtype(cfg.dtype, "cpu") == "float32" and not cfg.compile and cfg.all_tokens_fraction == 0
     overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
     assert overridden.n_layer == 2
