@@ -154,7 +154,8 @@ class Chat:
     def __init__(self, model, tokenizer, sampling, device, dtype):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.ctx = autocast_context(device, dtype)
-        self.generator = torch.Generator().manual_seed(sampling.seed)
+        # On the model's device: torch.multinomial samples there, from logits that never leave it.
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
         self.system = ""
         self.history = []  # (role, content) pairs, oldest first
         # Far more characters than fit in the window; bounds the tokenizer's work on a pasted novel.

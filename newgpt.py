@@ -12,10 +12,11 @@ The file reads top to bottom as the pipeline runs:
   -> clip -> step -> log) -> main()
 
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
-128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings; a cross-entropy whose gradient is
-written out; the loss on every token for the first 30% of steps, then on the assistant's only; Muon for
-the blocks' matrices and AdamW for the rest, linear warmup then cosine decay; bf16 autocast where the
-hardware has it and torch.compile; atomic checkpoints that resume bit-exactly.
+128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
+a cross-entropy whose gradient is written out; the loss on every token for the first 30% of steps, then
+on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then cosine
+decay; bf16 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile;
+atomic checkpoints that resume bit-exactly, on CPU, CUDA or MPS.
 chat_with_model.py imports the model and the chat format from here, so training and chatting can never
 disagree.
 """
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -430,7 +432,6 @@ def read_source(spec, split="train"):
                         f"without network access pass local files with --data PATH")
 
 
-
 def normalize_text(text):
     """NFC unicode, Unix newlines, no trailing spaces, at most one blank line; code indentation is kept."""
     text = unicodedata.normalize("NFC", text or "").replace("\r\n", "\n").replace("\r", "\n")
@@ -626,8 +627,6 @@ def parse_langs(langs):
 
 def content_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 
 
 def build_texts(cfg):
@@ -837,8 +836,6 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
     return rows
 
 
-
-
 # -----------------------------------------------------------------------------
 # Device, precision and the optimizer
 
@@ -978,10 +975,10 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
     divides the summed loss by the UTF-8 bytes those tokens stand for, so vocabularies compare fairly."""
     model.eval()
     n_rows = min(val_rows.n_rows, max(1, cfg.eval_tokens // val_rows.block_size))
-    batch = cfg.batch_size * cfg.grad_accum
     loss_sum, n_targets, bits_sum, n_bytes = 0.0, 0, 0.0, 0
-    for first in range(0, n_rows, batch):
-        x, y = val_rows.get(range(first, min(first + batch, n_rows)))
+    # One micro-batch of rows at a time: a training step already holds that many rows' logits in memory.
+    for first in range(0, n_rows, cfg.batch_size):
+        x, y = val_rows.get(range(first, min(first + cfg.batch_size, n_rows)))
         x, y = x.to(device), y.to(device)
         with ctx:
             logits, _ = model(x)
@@ -995,8 +992,6 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
         n_bytes += token_bytes.sum().item()
     model.train()
     return loss_sum / max(1, n_targets), bits_sum / max(1, n_bytes)
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -1215,8 +1210,8 @@ def load_or_build_data(cfg, vocab_size, resumed):
     else:
         tokenizer_path = Path(cfg.out_dir) / resumed["file"]
         if not tokenizer_path.is_file():
-            atomic_write(tokenizer_path, lambda tmp: tmp.write_bytes((Path(resumed["dir"]) / resumed["file"])
-                                                                      .read_bytes()))
+            source = Path(resumed["dir"]) / resumed["file"]
+            atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(source, tmp))
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     arrays = {split: cached_token_arrays(tokenizer, sha, texts[split], texts["sha256"], split,
                                          Path(cfg.out_dir) / "data") for split in ("train", "val")}
@@ -1255,23 +1250,39 @@ def packed_splits(data, model_config, cfg):
     return train_rows, val_rows
 
 
-def restore_training_state(ckpt, model, optimizers, resume_path):
-    """Weights, optimizer moments and the RNG of a checkpoint; returns the step to continue from."""
+def rng_state():
+    """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
+    """Weights, optimizer moments, the fp16 loss scale and the RNG of a checkpoint; returns its step."""
     model.load_state_dict(ckpt["model"])
     if len(ckpt["optimizers"]) != len(optimizers):
         raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
     for optimizer, state in zip(optimizers, ckpt["optimizers"]):
         optimizer.load_state_dict(state)
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
     return ckpt["step"]
 
 
-def checkpoint_state(model, optimizers, model_config, cfg, data, step, val_loss):
+def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, val_loss):
     """Everything --resume needs to continue exactly, and everything chat needs to rebuild the model."""
     return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-            "model_config": asdict(model_config), "train_config": asdict(cfg), "step": step,
-            "val_loss": val_loss, "tokenizer": data.tokenizer_info, "texts_sha256": data.texts["sha256"],
-            "rng": {"torch": torch.get_rng_state()}}
+            "scaler": scaler.state_dict(), "model_config": asdict(model_config), "train_config": asdict(cfg),
+            "step": step, "val_loss": val_loss, "tokenizer": data.tokenizer_info,
+            "texts_sha256": data.texts["sha256"], "rng": rng_state()}
 
 
 def write_metrics(path, record):
@@ -1346,9 +1357,12 @@ class Progress:
         self.bar.close()
 
 
-def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx):
+def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx, scaler=None):
     """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
-    Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it)."""
+    Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it). Under float16
+    the scaler multiplies the loss so that small gradients do not round to zero, and skips a step whose
+    gradients overflowed; for bfloat16 and float32 it is switched off and changes nothing."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     lr = get_lr(step, cfg)
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr
@@ -1361,13 +1375,16 @@ def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, devic
         sync = world_size == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
             _, loss = model(x, y)
-        (loss / cfg.grad_accum).backward()
+        scaler.scale(loss / cfg.grad_accum).backward()
         step_loss += loss.item() / cfg.grad_accum
     if cfg.grad_clip > 0:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     for optimizer in optimizers:
-        optimizer.step()
+        scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
+    scaler.update()
     return step_loss, lr
 
 
@@ -1416,29 +1433,58 @@ def setup_run(cfg, model_config):
 
 
 def build_model(run, ckpt, resume_path):
-    """The model (uncompiled: what is saved and evaluated), its optimizers and the step to start at."""
+    """The model (uncompiled: what is saved and evaluated), its optimizers, the float16 loss scaler (off
+    for other dtypes) and the step to start at."""
     torch.manual_seed(run.cfg.seed)
     model = GPT(run.model_config).to(run.device)
     optimizers = configure_optimizers(model, run.cfg, run.device)
-    step = restore_training_state(ckpt, model, optimizers, resume_path) if ckpt else 0
+    scaler = torch.amp.GradScaler(run.device.split(":")[0], enabled=run.dtype == "float16")
+    step = restore_training_state(ckpt, model, optimizers, scaler, resume_path) if ckpt else 0
     run.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(run.model_config)}")
-    return model, optimizers, step
+    return model, optimizers, scaler, step
 
 
-def wrap_for_training(model, run):
+def wrap_for_training(model, run, compile_model):
     """torch.compile and DDP wrap the model that the training step runs; the raw one stays for saving."""
-    if run.cfg.compile:
-        run.log("compiling the model (about 40 s the first time; --no-compile skips it)")
+    if compile_model:
         model = torch.compile(model)
     if run.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model
 
 
-def training_loop(run, model, optimizers, step, val_loss, stop):
+def should_compile(run):
+    if run.cfg.compile and run.device == "mps":
+        run.log("torch.compile is not used on MPS: it has not been measured to work there")
+        return False
+    if run.cfg.compile:
+        run.log("compiling the model (about 40 s the first time; --no-compile skips it)")
+    return run.cfg.compile
+
+
+def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step, ctx):
+    """train_step on the compiled model. If compilation fails (no working C++ compiler, an unsupported
+    platform), say so in one line and take the step again without it. Returns (loss, lr, trained model)."""
+    args = (optimizers, train_rows, step, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
+    rng = rng_state()
+    try:
+        return (*train_step(trained, *args), trained)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        if trained is model or (run.world_size > 1 and trained.module is model):
+            raise  # nothing was compiled: a real error
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        run.log(f"torch.compile failed ({reason}); training without it (--no-compile skips the attempt)")
+        set_rng_state(rng)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        trained = wrap_for_training(model, run, compile_model=False)
+        return (*train_step(trained, *args), trained)
+
+
+def training_loop(run, model, optimizers, scaler, step, val_loss, stop):
     """Each step in order: evaluate -> checkpoint -> train step -> log. Returns (last step, saved path)."""
     cfg, master = run.cfg, run.master
-    trained = wrap_for_training(model, run)
+    trained = wrap_for_training(model, run, should_compile(run))
     train_rows, val_rows = packed_splits(run.data, run.model_config, cfg)
     byte_lengths = torch.from_numpy(token_byte_lengths(run.data.tokenizer)).to(run.device)
     ctx = autocast_context(run.device, run.dtype)
@@ -1446,43 +1492,51 @@ def training_loop(run, model, optimizers, step, val_loss, stop):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model_config.block_size
     progress = Progress(cfg, step, tokens_per_step, enabled=master)
     started, first_step, saved = time.time(), step, None
-    while True:
-        last_step = step >= cfg.max_steps
-        out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
-        stopping = stop_agreed(stop.requested or out_of_time, run.world_size, run.device)
-        if step % cfg.eval_interval == 0 or last_step or stopping:
-            val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
-            if master:
-                write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                             "elapsed_s": round(time.time() - started, 1)})
-            progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
-        if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
-            state = checkpoint_state(model, optimizers, run.model_config, cfg, run.data, step, val_loss)
-            saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
-        if last_step or stopping:
-            break
+    try:
+        while True:
+            last_step = step >= cfg.max_steps
+            out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
+            stopping = stop_agreed(stop.requested or out_of_time, run.world_size, run.device)
+            if step % cfg.eval_interval == 0 or last_step or stopping:
+                val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
+                if master:
+                    write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                                 "elapsed_s": round(time.time() - started, 1)})
+                progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+            if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
+                state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
+                                         val_loss)
+                saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
+            if last_step or stopping:
+                break
 
-        step_started = time.time()
-        loss, lr = train_step(trained, optimizers, train_rows, step, cfg, run.rank, run.world_size, run.device,
-                              ctx)
-        step += 1
-        tok_per_s = progress.update(step, time.time() - step_started, loss, lr)
-        if master and step % cfg.log_interval == 0:
-            write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
-                                         "tok_per_s": round(tok_per_s or 0),
-                                         "elapsed_s": round(time.time() - started, 1)})
-    progress.close()
+            step_started = time.time()
+            loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step,
+                                                        ctx)
+            if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
+                last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
+                raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
+                                f"({last_good}); try a lower --lr or --dtype float32")
+            step += 1
+            tok_per_s = progress.update(step, time.time() - step_started, loss, lr)
+            if master and step % cfg.log_interval == 0:
+                write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
+                                             "tok_per_s": round(tok_per_s or 0),
+                                             "elapsed_s": round(time.time() - started, 1)})
+    finally:  # an error mid-run must not print on the bar's line
+        progress.close()
     return step, saved
 
 
 def train(cfg, model_config):
     """One training run, from flags to checkpoints; returns the exit status (130 after Ctrl-C)."""
     run, ckpt, resume_path = setup_run(cfg, model_config)
-    model, optimizers, step = build_model(run, ckpt, resume_path)
+    model, optimizers, scaler, step = build_model(run, ckpt, resume_path)
     run.log(f"training on {run.device} ({run.dtype}, {run.world_size} process{'es' * (run.world_size > 1)})"
             + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
     with StopRequest() as stop:
-        end_step, saved = training_loop(run, model, optimizers, step, (ckpt or {}).get("val_loss"), stop)
+        val_loss = (ckpt or {}).get("val_loss")
+        end_step, saved = training_loop(run, model, optimizers, scaler, step, val_loss, stop)
     if run.master:
         plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
         if saved:

@@ -136,6 +136,11 @@ def make_chat(checkpoint_dir, **sampling):
     return chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(**sampling), "cpu", "float32")
 
 
+def test_the_sampling_generator_lives_on_the_models_device(checkpoint_dir):
+    session = make_chat(checkpoint_dir)
+    assert session.generator.device == next(session.model.parameters()).device
+
+
 def test_history_truncation_keeps_the_newest_turns_within_the_window(checkpoint_dir):
     session = make_chat(checkpoint_dir, max_new_tokens=16)
     session.system = "Be kind."

@@ -293,3 +293,43 @@ def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win
     assert newgpt.pick_dtype(cfg.dtype, "cpu") == "float32" and not cfg.compile and cfg.all_tokens_fraction == 0
     overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
     assert overridden.n_layer == 2
+
+
+def fp16_setup(init_scale):
+    torch.manual_seed(0)
+    model = newgpt.GPT(tiny_config())
+    cfg = newgpt.TrainConfig(batch_size=2, warmup_steps=0)
+    ids = np.random.default_rng(0).integers(0, 300, 8 * 32 + 1).astype(np.uint16)
+    rows = newgpt.PackedRows(ids, np.ones(len(ids), dtype=np.uint8), 32, loss_on="all")
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return model, newgpt.configure_optimizers(model, cfg, "cpu"), cfg, rows, scaler
+
+
+def test_float16_steps_scale_the_loss_and_skip_steps_that_overflow():
+    fp16 = torch.autocast("cpu", dtype=torch.float16)
+    model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 10)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", fp16, scaler)
+    assert scaler.get_scale() == 2.0 ** 10, "finite gradients keep the scale"
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every weight moved"
+
+    model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 127)  # the scaled loss overflows
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", fp16, scaler)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "the step is skipped"
+    assert scaler.get_scale() == 2.0 ** 126, "and the scale halves"
+
+
+def test_evaluation_in_chunks_gives_the_same_numbers_as_one_batch(tokenizer):
+    torch.manual_seed(0)
+    model = newgpt.GPT(tiny_config(vocab_size=tokenizer.get_vocab_size()))
+    conversations = [newgpt.make_conversation([("user", f"what is {i} plus {i}?"), ("assistant", f"{2 * i}, Grüße")],
+                                              str(i)) for i in range(12)]
+    ids, mask = newgpt.tokenize_to_arrays(tokenizer, conversations)
+    val_rows = newgpt.PackedRows(ids, mask, block_size=32, loss_on="assistant", pad_id=0)
+    byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
+    results = [newgpt.evaluate(model, val_rows, byte_lengths, newgpt.TrainConfig(batch_size=b, eval_tokens=10_000),
+                               nullcontext(), "cpu") for b in (1, 3, val_rows.n_rows)]
+    assert val_rows.n_rows > 3
+    for loss, bpb in results[:2]:
+        assert loss == pytest.approx(results[-1][0], rel=1e-5) and bpb == pytest.approx(results[-1][1], rel=1e-5)

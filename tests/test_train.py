@@ -28,10 +28,11 @@ def assert_clean_error(result, *fragments):
 
 
 def error_line(capsys):
-    """The one line a failed in-process run wrote to stderr."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one error line, got {lines}"
-    return lines[0]
+    """The one error line a failed in-process run wrote to stderr (after the progress bar, if it had one)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1].startswith("error: "), f"expected one error line, last, got {lines}"
+    return lines[-1]
 
 
 def records(run_dir):
@@ -146,7 +147,9 @@ def test_checkpoint_round_trip_restores_the_saved_model(tmp_path, tokenizer):
     data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={},
                                tokenizer_info={"file": "tok.json", "sha256": newgpt.file_sha256(tmp_path / "tok.json")})
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
-    state = newgpt.checkpoint_state(model, optimizers, config, newgpt.TrainConfig(), data, step=7, val_loss=1.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = newgpt.checkpoint_state(model, optimizers, scaler, config, newgpt.TrainConfig(), data, step=7,
+                                    val_loss=1.5)
     path = newgpt.save_checkpoint(state, tmp_path, keep_last=3)
     loaded, loaded_tokenizer, ckpt = newgpt.load_checkpoint(path)
     idx = torch.randint(0, config.vocab_size, (2, 16))
@@ -312,6 +315,19 @@ def test_torchrun_two_cpu_processes_train_and_save(tmp_path, oasst_file):
 
 
 @pytest.mark.slow
+def test_a_failing_compiler_falls_back_to_eager_training_in_one_line(tmp_path, oasst_file):
+    out = tmp_path / "ckpt"
+    no_compiler = {"CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_newgpt(*train_args(oasst_file, out, "--max_steps", "3", "--compile"), cwd=tmp_path, timeout=400,
+                        env=os.environ | no_compiler)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "torch.compile failed" in line]
+    assert "C++ compiler" in line and "training without it" in line and "--no-compile" in line, line
+    assert newgpt.load_checkpoint(out)[2]["step"] == 3, "the run carried on and finished"
+
+
+@pytest.mark.slow
 def test_compiled_training_saves_plain_state_dicts(tmp_path, oasst_file):
     out = tmp_path / "ckpt"
     result = run_newgpt(*train_args(oasst_file, out, "--max_steps", "2", "--compile"), cwd=tmp_path, timeout=400,
@@ -320,3 +336,16 @@ def test_compiled_training_saves_plain_state_dicts(tmp_path, oasst_file):
     assert "compiling the model" in result.stdout
     _, _, ckpt = newgpt.load_checkpoint(out)
     assert not any("_orig_mod" in key for key in ckpt["model"]), "checkpoints hold the uncompiled model's keys"
+
+
+def test_a_diverging_run_stops_with_one_line(tmp_path, oasst_file, monkeypatch, capsys):
+    real_step = newgpt.train_step
+
+    def diverging_step(*args, **kwargs):
+        loss, lr = real_step(*args, **kwargs)
+        return (float("nan") if args[3] == 2 else loss), lr  # args[3]: the step
+    monkeypatch.setattr(newgpt, "train_step", diverging_step)
+    out = tmp_path / "ckpt"
+    assert train_in_process(*train_args(oasst_file, out, "--max_steps", "10", "--save_interval", "1")) == 2
+    line = error_line(capsys)
+    assert "loss is nan at step 3" in line and "gpt_step0002.pt holds the last good weights" in line, line
