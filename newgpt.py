@@ -1466,12 +1466,12 @@ def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows,
     """train_step on the compiled model. If compilation fails (no working C++ compiler, an unsupported
     platform), say so in one line and take the step again without it. Returns (loss, lr, trained model)."""
     args = (optimizers, train_rows, step, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
+    if (trained.module if run.world_size > 1 else trained) is model:  # not compiled: nothing to fall back from
+        return (*train_step(trained, *args), trained)
     rng = rng_state()
     try:
         return (*train_step(trained, *args), trained)
     except torch._dynamo.exc.TorchDynamoException as e:
-        if trained is model or (run.world_size > 1 and trained.module is model):
-            raise  # nothing was compiled: a real error
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
         run.log(f"torch.compile failed ({reason}); training without it (--no-compile skips the attempt)")
         set_rng_state(rng)
