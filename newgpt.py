@@ -656,9 +656,11 @@ def build_options(cfg):
 
 
 def is_texts_file(texts):
-    conversations = texts.get("train", []) + texts.get("val", []) if isinstance(texts, dict) else []
-    return (isinstance(texts, dict) and isinstance(texts.get("train"), list) and bool(texts["train"])
-            and all(isinstance(c, dict) and isinstance(c.get("turns"), list) for c in conversations))
+    if not isinstance(texts, dict) or not isinstance(texts.get("train"), list) or not texts["train"]:
+        return False
+    val = texts.get("val", [])  # optional: a user's own file may leave the split to us
+    return isinstance(val, list) and all(isinstance(c, dict) and isinstance(c.get("turns"), list)
+                                         for c in texts["train"] + val)
 
 
 def read_texts_file(path):

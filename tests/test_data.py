@@ -166,3 +166,11 @@ def test_missing_path_and_bad_json_are_user_errors(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b truncated")
     with pytest.raises(newgpt.UserError, match="cannot read"):
         newgpt.read_source(str(tmp_path / "bad.jsonl.gz"))
+
+
+@pytest.mark.parametrize("content", ['{"train": {"turns": []}}', '{"train": [{"turns": "hi"}]}', '[1, 2]',
+                                     '{"train": [{"turns": []}], "val": "x"}', "not json"])
+def test_a_malformed_texts_file_is_a_user_error(tmp_path, content):
+    (tmp_path / "t.json").write_text(content)
+    with pytest.raises(newgpt.UserError, match="is not a TinyGPT texts file"):
+        newgpt.read_texts_file(tmp_path / "t.json")
