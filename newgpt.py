@@ -1035,7 +1035,8 @@ def why_unreadable(path, error):
     if not is_zip:
         return "is not a PyTorch checkpoint at all"
     if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
-        return "holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT checkpoint"
+        return ("holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT "
+                "checkpoint")
     return f"is truncated or damaged ({size:,} bytes; was it copied or saved completely?)"
 
 

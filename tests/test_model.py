@@ -323,8 +323,8 @@ def test_float16_steps_scale_the_loss_and_skip_steps_that_overflow():
 def test_evaluation_in_chunks_gives_the_same_numbers_as_one_batch(tokenizer):
     torch.manual_seed(0)
     model = newgpt.GPT(tiny_config(vocab_size=tokenizer.get_vocab_size()))
-    conversations = [newgpt.make_conversation([("user", f"what is {i} plus {i}?"), ("assistant", f"{2 * i}, Grüße")],
-                                              str(i)) for i in range(12)]
+    turns = [[("user", f"what is {i} plus {i}?"), ("assistant", f"{2 * i}, Grüße")] for i in range(12)]
+    conversations = [newgpt.make_conversation(exchange, str(i)) for i, exchange in enumerate(turns)]
     ids, mask = newgpt.tokenize_to_arrays(tokenizer, conversations)
     val_rows = newgpt.PackedRows(ids, mask, block_size=32, loss_on="assistant", pad_id=0)
     byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))

@@ -134,8 +134,9 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, oasst_fi
 def test_an_in_process_run_puts_the_signal_handlers_back(tmp_path, trained_run):
     before = signal.getsignal(signal.SIGINT)
     run = copy_run(trained_run, tmp_path / "run")
-    assert train_in_process("--data", trained_run.parent / "oasst.jsonl.gz", "--texts", trained_run.parent / "texts.json",
-                            "--out_dir", run, *TINY_FLAGS, "--max_steps", "5", "--resume") == 0
+    data, texts = trained_run.parent / "oasst.jsonl.gz", trained_run.parent / "texts.json"
+    assert train_in_process("--data", data, "--texts", texts, "--out_dir", run, *TINY_FLAGS, "--max_steps", "5",
+                            "--resume") == 0
     assert signal.getsignal(signal.SIGINT) is before, "Ctrl-C handling is restored after training"
 
 
@@ -144,8 +145,8 @@ def test_checkpoint_round_trip_restores_the_saved_model(tmp_path, tokenizer):
     config = newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = newgpt.GPT(config)
     tokenizer.save(str(tmp_path / "tok.json"))
-    data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={},
-                               tokenizer_info={"file": "tok.json", "sha256": newgpt.file_sha256(tmp_path / "tok.json")})
+    tokenizer_info = {"file": "tok.json", "sha256": newgpt.file_sha256(tmp_path / "tok.json")}
+    data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = newgpt.checkpoint_state(model, optimizers, scaler, config, newgpt.TrainConfig(), data, step=7,
@@ -305,8 +306,9 @@ def test_a_json_array_file_is_read_as_records(tmp_path):
 def test_torchrun_two_cpu_processes_train_and_save(tmp_path, oasst_file):
     out = tmp_path / "ckpt"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*torchrun, str(REPO / "newgpt.py"), *map(str, train_args(oasst_file, out, "--max_steps", "3"))],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    flags = map(str, train_args(oasst_file, out, "--max_steps", "3"))
+    result = subprocess.run([*torchrun, str(REPO / "newgpt.py"), *flags], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
     _, _, ckpt = newgpt.load_checkpoint(out)
