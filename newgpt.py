@@ -1330,26 +1330,29 @@ class Progress:
         self.deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         self.step_seconds = deque(maxlen=window)
         self.skipped_first, self.announced = False, False
+        # Redrawn 10 times a second on a terminal, every 30 s into a log file.
         self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True, unit="step",
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                        mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def update(self, step, seconds, loss, lr):
         """Record one finished step; returns the recent tokens per second (None until it is known)."""
+        tok_s = None
+        if self.skipped_first:
+            self.step_seconds.append(seconds)
+            tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
+            by_steps = (self.max_steps - step) * sum(self.step_seconds) / len(self.step_seconds)
+            left = max(0.0, min(by_steps, self.deadline - time.time()))
+            self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left",
+                                     refresh=False)  # drawn by update() below, at most every mininterval
+            if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
+                self.announced = True
+                end = time.strftime("%H:%M", time.localtime(time.time() + left))
+                limit = " (the --max_minutes limit)" if left < by_steps else ""
+                self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}{limit}, "
+                           f"at {end}, plus evaluations")
+        self.skipped_first = True
         self.bar.update(1)
-        if not self.skipped_first:
-            self.skipped_first = True
-            return None
-        self.step_seconds.append(seconds)
-        tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
-        by_steps = (self.max_steps - step) * sum(self.step_seconds) / len(self.step_seconds)
-        left = max(0.0, min(by_steps, self.deadline - time.time()))
-        self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left")
-        if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
-            self.announced = True
-            end = time.strftime("%H:%M", time.localtime(time.time() + left))
-            limit = " (the --max_minutes limit)" if left < by_steps else ""
-            self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}{limit}, "
-                       f"at {end}, plus evaluations")
         return tok_s
 
     def write(self, line):
