@@ -57,6 +57,7 @@ def atomic_write(path, write):
     """Call write(tmp_path), then rename the temp file over `path`: a kill mid-write never leaves a
     half-written file under the real name, and never damages the previous version."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
@@ -112,9 +113,11 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_steps: int = field(default=6800, metadata={
-        "help": "optimizer steps in total; the run prints how long they will take after its first steps"})
+        "help": "optimizer steps in total; the run prints how long they will take after its first steps "
+                "(with --max_minutes and no --max_steps: no step limit)"})
     max_minutes: float = field(default=0.0, metadata={
-        "help": "stop (and save) after this many minutes (0: no limit)"})
+        "help": "a time budget: the learning-rate schedule and the curriculum follow the clock and end, with a "
+                "final evaluation and checkpoint, when it runs out (0: no budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
@@ -144,9 +147,30 @@ class TrainConfig:
 # Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
 RECIPES = {
     "default": {},
-    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "pos_encoding": "learned", "bias": True, "mlp_act": "gelu",
-             "dtype": "float32", "optimizer": "adamw", "compile": False, "all_tokens_fraction": 0.0},
+    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8, "pos_encoding": "learned",
+             "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw", "compile": False,
+             "all_tokens_fraction": 0.0},
 }
+
+
+def size_for_depth(depth, device_type):
+    """The size dial: --depth N sets blocks, width, heads, context and batch together. The width grows by
+    64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims, the head size that
+    measured best. The learning rate stays: Muon scales each matrix's update to AdamW's size, and the
+    same 1e-3 trained every depth measured. A GPU buys a longer context for chat history at the same
+    tokens per step; a CPU would pay for it in steps."""
+    n_head = (depth + 1) // 2
+    size = {"n_layer": depth, "n_head": n_head, "n_embd": 128 * n_head}
+    if device_type == "cuda":
+        return size | {"block_size": 1024, "batch_size": 16}
+    return size | {"block_size": 512, "batch_size": 8}
+
+
+def auto_depth(device_type, max_minutes):
+    """The depth that measured best for this kind of device and budget (bench/RESULTS.md, "Model size")."""
+    if device_type == "cuda":
+        return 8 if 0 < max_minutes < 3 else 12
+    return 4
 
 # -----------------------------------------------------------------------------
 # Model
@@ -963,12 +987,35 @@ def configure_optimizers(model, cfg, device):
     return optimizers
 
 
-def get_lr(step, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+def get_lr(step, progress, cfg):
+    """Linear warmup to cfg.lr over the first steps, then cosine decay to cfg.min_lr as progress goes from
+    0 to 1. Progress is counted in steps, or in time under --max_minutes (Budget, below)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class Budget:
+    """How far a run is through its schedule, from 0 to 1: the further of its steps (out of --max_steps)
+    and its time (out of --max_minutes). Time counts from the start of training, compilation and
+    evaluations included, and carries over --resume. The last evaluation and checkpoint must fit in the
+    budget too, so the time they last took is kept back."""
+
+    def __init__(self, cfg, spent_s=0.0, clock=time.monotonic):
+        self.max_steps, self.seconds = cfg.max_steps, 60 * cfg.max_minutes
+        self.clock, self.started, self.spent_s = clock, clock(), spent_s
+        self.reserve_s = 0.0
+
+    def elapsed(self):
+        return self.spent_s + self.clock() - self.started
+
+    def progress(self, step):
+        by_steps = step / self.max_steps if self.max_steps else 0.0
+        by_time = self.elapsed() / max(1e-9, self.seconds - self.reserve_s) if self.seconds else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def seconds_left(self):
+        return max(0.0, self.seconds - self.elapsed()) if self.seconds else math.inf
 
 
 @torch.no_grad()
@@ -1137,20 +1184,22 @@ def barrier(world_size):
         torch.distributed.barrier()
 
 
-def stop_agreed(local_stop, world_size, device):
-    """All ranks stop at the same step, or DDP would hang waiting for the one that left."""
+def max_over_ranks(values, world_size, device):
+    """Each value's maximum over the ranks. All ranks must stop at the same step (or DDP would hang
+    waiting for the one that left) and take the same learning rate, though their clocks differ."""
     if world_size == 1:
-        return bool(local_stop)
-    flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
+        return values
+    shared = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+    return shared.tolist()
 
 
 def check_train_config(cfg):
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "save_interval", "log_interval",
-                 "eval_tokens"):
+    for name in ("batch_size", "grad_accum", "eval_interval", "save_interval", "log_interval", "eval_tokens"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps < 1 and not cfg.max_minutes:
+        raise UserError(f"--max_steps must be at least 1 (or set --max_minutes), got {cfg.max_steps}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.max_minutes < 0 or cfg.keep_last < 0:
         raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
     if not 0 <= cfg.all_tokens_fraction <= 1:
@@ -1280,11 +1329,12 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     return ckpt["step"]
 
 
-def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, val_loss):
-    """Everything --resume needs to continue exactly, and everything chat needs to rebuild the model."""
+def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, val_loss, elapsed_s):
+    """Everything --resume needs to continue exactly (the time spent too, for a budgeted schedule), and
+    everything chat needs to rebuild the model."""
     return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
             "scaler": scaler.state_dict(), "model_config": asdict(model_config), "train_config": asdict(cfg),
-            "step": step, "val_loss": val_loss, "tokenizer": data.tokenizer_info,
+            "step": step, "elapsed_s": elapsed_s, "val_loss": val_loss, "tokenizer": data.tokenizer_info,
             "texts_sha256": data.texts["sha256"], "rng": rng_state()}
 
 
@@ -1322,17 +1372,16 @@ def format_minutes(seconds):
 
 class Progress:
     """The progress bar and the run's time estimate. Speed is measured over the last `window` steps
-    (the first step, which compiles, and evaluations are left out), and the time left honours
-    --max_minutes. Once the window is full, one line says when the run will end."""
+    (the first step, which compiles, and evaluations are left out), and the time left is the sooner of
+    the steps' and the budget's end. Once the window is full, one line says when the run will end."""
 
-    def __init__(self, cfg, step, tokens_per_step, enabled, window=20):
-        self.max_steps, self.tokens_per_step = cfg.max_steps, tokens_per_step
-        self.deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    def __init__(self, cfg, step, tokens_per_step, budget, enabled, window=20):
+        self.max_steps, self.tokens_per_step, self.budget = cfg.max_steps, tokens_per_step, budget
         self.step_seconds = deque(maxlen=window)
         self.skipped_first, self.announced = False, False
         # Redrawn 10 times a second on a terminal, every 30 s into a log file.
-        self.bar = tqdm(total=cfg.max_steps, initial=step, disable=not enabled, dynamic_ncols=True, unit="step",
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+        self.bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not enabled, dynamic_ncols=True,
+                        unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                         mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def update(self, step, seconds, loss, lr):
@@ -1341,16 +1390,18 @@ class Progress:
         if self.skipped_first:
             self.step_seconds.append(seconds)
             tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
-            by_steps = (self.max_steps - step) * sum(self.step_seconds) / len(self.step_seconds)
-            left = max(0.0, min(by_steps, self.deadline - time.time()))
+            step_s = sum(self.step_seconds) / len(self.step_seconds)
+            by_steps = (self.max_steps - step) * step_s if self.max_steps else math.inf
+            left = min(by_steps, self.budget.seconds_left())
             self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left",
                                      refresh=False)  # drawn by update() below, at most every mininterval
             if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
                 self.announced = True
                 end = time.strftime("%H:%M", time.localtime(time.time() + left))
-                limit = " (the --max_minutes limit)" if left < by_steps else ""
-                self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}{limit}, "
-                           f"at {end}, plus evaluations")
+                steps = (f"{self.max_steps:,} steps, plus evaluations" if left == by_steps
+                         else f"about {step + left / step_s:,.0f} steps (--max_minutes)")
+                self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}, at {end}, "
+                           f"after {steps}")
         self.skipped_first = True
         self.bar.update(1)
         return tok_s
@@ -1363,19 +1414,20 @@ class Progress:
         self.bar.close()
 
 
-def train_step(model, optimizers, train_rows, step, cfg, rank, world_size, device, ctx, scaler=None):
+def train_step(model, optimizers, train_rows, step, progress, cfg, rank, world_size, device, ctx, scaler=None):
     """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
+    `progress` (0 to 1, from Budget) sets the learning rate and the curriculum's phase.
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it). Under float16
     the scaler multiplies the loss so that small gradients do not round to zero, and skips a step whose
     gradients overflowed; for bfloat16 and float32 it is switched off and changes nothing."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
-    lr = get_lr(step, cfg)
+    lr = get_lr(step, progress, cfg)
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
         rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
-        all_tokens = step < cfg.all_tokens_fraction * cfg.max_steps  # curriculum: all text first
+        all_tokens = progress < cfg.all_tokens_fraction  # curriculum: all text first
         x, y = train_rows.get(rows, loss_on="all" if all_tokens else None)
         x, y = x.to(device), y.to(device)
         sync = world_size == 1 or micro == cfg.grad_accum - 1
@@ -1426,8 +1478,10 @@ def setup_run(cfg, model_config):
     resume_path = resolve_resume(cfg)
     ckpt = load_checkpoint(resume_path)[2] if resume_path else None
     resumed_tokenizer = None
-    if ckpt is not None:  # a resumed run continues the checkpoint's architecture and tokenizer
+    if ckpt is not None:  # a resumed run continues the checkpoint's architecture, tokenizer and budget
         model_config = model_config_from(ckpt["model_config"])
+        if not cfg.max_minutes and ckpt["train_config"].get("max_minutes"):
+            cfg.max_minutes, cfg.max_steps = (ckpt["train_config"][k] for k in ("max_minutes", "max_steps"))
         resumed_tokenizer = ckpt["tokenizer"] | {"dir": str(resume_path.parent)}
     run = Run(cfg, model_config, device, dtype, rank, world_size)
     run.data = prepare_data(cfg, model_config.vocab_size, rank, world_size, run.log, resumed_tokenizer)
@@ -1438,7 +1492,7 @@ def setup_run(cfg, model_config):
     return run, ckpt, resume_path
 
 
-def build_model(run, ckpt, resume_path):
+def build_model(run, ckpt, resume_path, size_note=""):
     """The model (uncompiled: what is saved and evaluated), its optimizers, the float16 loss scaler (off
     for other dtypes) and the step to start at."""
     torch.manual_seed(run.cfg.seed)
@@ -1446,7 +1500,9 @@ def build_model(run, ckpt, resume_path):
     optimizers = configure_optimizers(model, run.cfg, run.device)
     scaler = torch.amp.GradScaler(run.device.split(":")[0], enabled=run.dtype == "float16")
     step = restore_training_state(ckpt, model, optimizers, scaler, resume_path) if ckpt else 0
-    run.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {asdict(run.model_config)}")
+    size_note = "the checkpoint's" if ckpt else size_note
+    run.log(f"model: {run.model_config.n_layer} x {run.model_config.n_embd} ({model.num_params() / 1e6:.2f}M "
+            f"parameters), {size_note}: {asdict(run.model_config)}, batch {run.cfg.batch_size}")
     return model, optimizers, scaler, step
 
 
@@ -1468,10 +1524,10 @@ def should_compile(run):
     return run.cfg.compile
 
 
-def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step, ctx):
+def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step, progress, ctx):
     """train_step on the compiled model. If compilation fails (no working C++ compiler, an unsupported
     platform), say so in one line and take the step again without it. Returns (loss, lr, trained model)."""
-    args = (optimizers, train_rows, step, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
+    args = (optimizers, train_rows, step, progress, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
     if (trained.module if run.world_size > 1 else trained) is model:  # not compiled: nothing to fall back from
         return (*train_step(trained, *args), trained)
     rng = rng_state()
@@ -1487,7 +1543,7 @@ def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows,
         return (*train_step(trained, *args), trained)
 
 
-def training_loop(run, model, optimizers, scaler, step, val_loss, stop):
+def training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop):
     """Each step in order: evaluate -> checkpoint -> train step -> log. Returns (last step, saved path)."""
     cfg, master = run.cfg, run.master
     trained = wrap_for_training(model, run, should_compile(run))
@@ -1496,29 +1552,32 @@ def training_loop(run, model, optimizers, scaler, step, val_loss, stop):
     ctx = autocast_context(run.device, run.dtype)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model_config.block_size
-    progress = Progress(cfg, step, tokens_per_step, enabled=master)
-    started, first_step, saved = time.time(), step, None
+    progress = Progress(cfg, step, tokens_per_step, budget, enabled=master)
+    first_step, saved = step, None
     try:
         while True:
-            last_step = step >= cfg.max_steps
-            out_of_time = cfg.max_minutes and time.time() - started > 60 * cfg.max_minutes
-            stopping = stop_agreed(stop.requested or out_of_time, run.world_size, run.device)
+            schedule, stop_requested = max_over_ranks([budget.progress(step), float(stop.requested)],
+                                                      run.world_size, run.device)
+            last_step, stopping = schedule >= 1.0, stop_requested > 0
+            eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
                 val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
                 if master:
                     write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                                 "elapsed_s": round(time.time() - started, 1)})
+                                                 "elapsed_s": round(budget.elapsed(), 1)})
                 progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
-                                         val_loss)
+                                         val_loss, budget.elapsed())
                 saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
             if last_step or stopping:
                 break
+            if step % cfg.eval_interval == 0:  # the final evaluation and checkpoint will take about as long
+                budget.reserve_s = budget.clock() - eval_started
 
             step_started = time.time()
             loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step,
-                                                        ctx)
+                                                        schedule, ctx)
             if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
                 last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
                 raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
@@ -1528,21 +1587,23 @@ def training_loop(run, model, optimizers, scaler, step, val_loss, stop):
             if master and step % cfg.log_interval == 0:
                 write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
                                              "tok_per_s": round(tok_per_s or 0),
-                                             "elapsed_s": round(time.time() - started, 1)})
+                                             "elapsed_s": round(budget.elapsed(), 1)})
     finally:  # an error mid-run must not print on the bar's line
         progress.close()
     return step, saved
 
 
-def train(cfg, model_config):
+def train(cfg, model_config, size_note="", clock=time.monotonic):
     """One training run, from flags to checkpoints; returns the exit status (130 after Ctrl-C)."""
     run, ckpt, resume_path = setup_run(cfg, model_config)
-    model, optimizers, scaler, step = build_model(run, ckpt, resume_path)
+    model, optimizers, scaler, step = build_model(run, ckpt, resume_path, size_note)
     run.log(f"training on {run.device} ({run.dtype}, {run.world_size} process{'es' * (run.world_size > 1)})"
-            + (f", resuming from {resume_path} at step {step}" if ckpt else ""))
+            + (f", resuming from {resume_path} at step {step}" if ckpt else "")
+            + (f", for {cfg.max_minutes:g} minutes: the schedule follows the clock" if cfg.max_minutes else ""))
+    budget = Budget(cfg, spent_s=(ckpt or {}).get("elapsed_s", 0.0), clock=clock)
     with StopRequest() as stop:
         val_loss = (ckpt or {}).get("val_loss")
-        end_step, saved = training_loop(run, model, optimizers, scaler, step, val_loss, stop)
+        end_step, saved = training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop)
     if run.master:
         plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
         if saved:
@@ -1552,8 +1613,9 @@ def train(cfg, model_config):
     if stop.requested:
         run.log("interrupted: checkpoint saved; continue with --resume")
         return 130
-    if end_step < cfg.max_steps:
-        run.log(f"stopped at the --max_minutes limit ({cfg.max_minutes:g}); continue with --resume")
+    if cfg.max_minutes:
+        run.log(f"the {cfg.max_minutes:g}-minute budget ended at step {end_step}, after "
+                f"{format_minutes(budget.elapsed())}")
     return 0
 
 
@@ -1592,14 +1654,41 @@ def build_parser():
             group.add_argument(f"--{f.name}", **kwargs)
     parser.add_argument("--recipe", choices=list(RECIPES), default="default",
                         help="a named set of defaults: 'seed' is the original project's configuration")
+    parser.add_argument("--depth", type=positive_or_zero(int), default=0,
+                        help="model size in one number: N blocks of 64*N dims (in 128-dim heads), with the context "
+                             "and batch to match (0: the size measured best for the device and --max_minutes)")
     return parser
 
 
+def explicit_flags(argv):
+    """The names of the flags given on the command line (not filled in from a default)."""
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{name: unset for name in vars(parser.parse_args([]))})
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
 def parse_args(argv=None):
+    """The flags, then the recipe's defaults, then the size dial's, each only where nothing more specific
+    was given. args.size_note says how the size was chosen."""
     parser = build_parser()
     recipe = parser.parse_known_args(argv)[0].recipe
     parser.set_defaults(**RECIPES[recipe])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = explicit_flags(argv) | set(RECIPES[recipe])
+    if args.max_minutes and "max_steps" not in given:
+        args.max_steps = 0  # the budget alone ends the run
+    device_type = pick_device(args.device).split(":")[0]
+    depth = args.depth or auto_depth(device_type, args.max_minutes)
+    size = size_for_depth(depth, device_type)
+    for name, value in size.items():
+        if name not in given:
+            setattr(args, name, value)
+    budget = f" and a {args.max_minutes:g}-minute budget" if args.max_minutes else ""
+    how = "from --depth" if args.depth else f"chosen for {device_type}{budget}; --depth overrides"
+    flags = ", ".join(f"--{name}" for name in size if name in given)
+    args.size_note = "as given" if {"n_layer", "n_head", "n_embd"} <= given and not args.depth else \
+        f"depth {depth}, {how}" + (f" ({flags} as given)" if flags else "")
+    return args
 
 
 def configs_from_args(args):
@@ -1610,9 +1699,10 @@ def configs_from_args(args):
 
 
 def main(argv=None):
-    model_config, train_config = configs_from_args(parse_args(argv))
     try:
-        return train(train_config, model_config)
+        args = parse_args(argv)
+        model_config, train_config = configs_from_args(args)
+        return train(train_config, model_config, args.size_note)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

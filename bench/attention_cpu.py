@@ -68,6 +68,11 @@ def build_model(kernel):
     return model
 
 
+def train_step(compiled, optimizers, rows, step, cfg, ctx):
+    """newgpt's training step on one process; returns the loss."""
+    return newgpt.train_step(compiled, optimizers, rows, step, step / cfg.max_steps, cfg, 0, 1, "cpu", ctx)[0]
+
+
 def run_worker(kernel, steps):
     newgpt.keep_freed_memory()
     model = build_model(kernel)
@@ -87,10 +92,10 @@ def run_worker(kernel, steps):
     model.zero_grad(set_to_none=True)
 
     for step in range(3):  # compilation is done; warm the allocator and kernels
-        newgpt.train_step(compiled, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
+        train_step(compiled, optimizers, rows, step, cfg, ctx)
     started, losses = time.perf_counter(), []
     for step in range(3, 3 + steps):
-        losses.append(newgpt.train_step(compiled, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)[0])
+        losses.append(train_step(compiled, optimizers, rows, step, cfg, ctx))
     seconds = (time.perf_counter() - started) / steps
     print(json.dumps({"nan_grads": nan_grads, "n_params": len(list(model.parameters())), "ms": seconds * 1000,
                       "tok_s": cfg.batch_size * 512 / seconds, "last_loss": losses[-1]}))
@@ -115,7 +120,7 @@ def run_paired(steps):
         for kernel in (kernels if step % 2 else kernels[::-1]):
             compiled, optimizers = setups[kernel]
             started = time.perf_counter()
-            loss, _ = newgpt.train_step(compiled, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
+            loss = train_step(compiled, optimizers, rows, step, cfg, ctx)
             if step >= 3:  # the first steps compile
                 times[kernel].append(time.perf_counter() - started)
                 losses[kernel].append(loss)

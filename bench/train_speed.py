@@ -131,7 +131,7 @@ def random_rows(model_config, steps, batch_size):
 def timed_step(setup, rows, step):
     started = time.perf_counter()
     trained, optimizers, cfg, ctx = setup["trained"], setup["optimizers"], setup["cfg"], setup["ctx"]
-    newgpt.train_step(trained, optimizers, rows, step, cfg, 0, 1, "cpu", ctx)
+    newgpt.train_step(trained, optimizers, rows, step, step / cfg.max_steps, cfg, 0, 1, "cpu", ctx)
     return time.perf_counter() - started
 
 

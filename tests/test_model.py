@@ -166,10 +166,46 @@ def test_tiny_model_overfits_one_batch(variant, optimizer):
 
 def test_lr_schedule_warms_up_then_decays_to_min():
     cfg = newgpt.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    lrs = [newgpt.get_lr(s, cfg) for s in range(111)]
+    budget = newgpt.Budget(cfg)
+    lrs = [newgpt.get_lr(s, budget.progress(s), cfg) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])), "decay is monotone after warmup"
     assert lrs[110] == pytest.approx(0.1)
+
+
+class FakeClock:
+    """A clock that the test moves by hand: budgets are tested without sleeping."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_time_budget_lays_the_schedule_over_the_clock():
+    cfg = newgpt.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=0, max_minutes=1)
+    clock = FakeClock()
+    budget = newgpt.Budget(cfg, clock=clock)
+    budget.reserve_s = 6.0  # what the final evaluation and checkpoint will take
+    step, lrs = 0, []
+    while budget.progress(step) < 1:
+        lrs.append(newgpt.get_lr(step, budget.progress(step), cfg))
+        clock.now += 0.5  # one training step
+        step += 1
+    assert step == 108, f"(60 s - 6 s kept back) / 0.5 s per step = 108 steps, not {step}"
+    assert lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3), "warmed up, then decayed"
+    assert newgpt.get_lr(50, budget.progress(0), cfg) < 1.0, "progress is counted in time, not steps"
+    assert budget.seconds_left() == pytest.approx(6.0), "the kept-back time is left for the final evaluation"
+    clock.now += 30
+    assert budget.progress(step) == 1.0 and budget.seconds_left() == 0.0
+
+
+def test_a_budget_with_a_step_limit_ends_at_whichever_comes_first():
+    clock = FakeClock()
+    budget = newgpt.Budget(newgpt.TrainConfig(max_steps=100, max_minutes=1), spent_s=30.0, clock=clock)
+    assert budget.progress(10) == pytest.approx(0.5), "30 s spent before --resume count against 60 s"
+    assert budget.progress(80) == pytest.approx(0.8), "the steps are further along than the time"
 
 
 def test_weight_decay_applies_to_matrices_only():
@@ -229,7 +265,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = newgpt.GPT(tiny_config())
         cfg = newgpt.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, optimizer="adamw", warmup_steps=0)
         optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
-        loss, _ = newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", nullcontext())
+        loss, _ = newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", nullcontext())
         results.append((loss, model.state_dict()))
     (loss_big, big), (loss_accum, accum) = results
     assert loss_big == pytest.approx(loss_accum, rel=1e-5)
@@ -264,23 +300,46 @@ def test_bits_per_byte_matches_a_hand_computation(tokenizer):
     assert bpb == pytest.approx(n_answer_tokens * math.log2(V) / len(text.encode("utf-8")))
 
 
-def test_progress_reports_the_recent_speed_and_honours_the_time_budget(monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(newgpt.time, "time", lambda: clock[0])
+def test_progress_reports_the_recent_speed_and_honours_the_time_budget():
+    clock = FakeClock()
     cfg = newgpt.TrainConfig(max_steps=1000, max_minutes=10)
-    progress = newgpt.Progress(cfg, step=0, tokens_per_step=4096, enabled=False, window=4)
+    progress = newgpt.Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=4)
     assert progress.update(1, 40.0, 5.0, 1e-3) is None, "the first step compiles: no speed from it"
     for step in range(2, 6):
-        clock[0] += 0.5
+        clock.now += 0.5
         tok_s = progress.update(step, 0.5, 5.0, 1e-3)
     assert tok_s == pytest.approx(4096 / 0.5), "the speed of the recent steps, compilation left out"
     postfix = progress.bar.postfix
     assert "8,192 tok/s" in postfix and "8 min left" in postfix, \
         f"995 steps need 8.3 min, inside the 10-minute budget: {postfix}"
-    short = newgpt.Progress(newgpt.TrainConfig(max_steps=100000, max_minutes=1), 0, 4096, enabled=False, window=2)
+    cfg = newgpt.TrainConfig(max_steps=0, max_minutes=1)
+    short = newgpt.Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=2)
     for step in range(1, 4):
         short.update(step, 0.5, 5.0, 1e-3)
     assert "1 min left" in short.bar.postfix, f"the budget, not the steps, ends this run: {short.bar.postfix}"
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps"])
+def test_every_depth_gives_a_valid_config(device_type):
+    for depth in range(1, 33):
+        size = newgpt.size_for_depth(depth, device_type)
+        config = newgpt.GPTConfig(**{k: v for k, v in size.items() if k in newgpt.GPTConfig.__dataclass_fields__})
+        newgpt.check_model_config(config)
+        assert config.n_layer == depth and config.n_embd // config.n_head == 128, f"depth {depth}: {size}"
+        assert config.n_embd >= 64 * depth and size["batch_size"] * config.block_size >= 4096, f"depth {depth}: {size}"
+
+
+def test_the_dial_picks_the_measured_sizes_and_single_flags_still_win(monkeypatch):
+    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args([]))
+    assert (model_config, cfg) == (newgpt.GPTConfig(), newgpt.TrainConfig()), "on a CPU: depth 4, the defaults"
+    monkeypatch.setattr(newgpt, "pick_device", lambda requested: "cuda")
+    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--max_minutes", "5"]))
+    assert (model_config.n_layer, model_config.n_embd, model_config.block_size) == (12, 768, 1024), "GPU-sized"
+    assert cfg.max_steps == 0, "with a budget and no --max_steps, the budget alone ends the run"
+    args = newgpt.parse_args(["--depth", "8", "--n_embd", "256", "--n_head", "2", "--max_steps", "50"])
+    model_config, cfg = newgpt.configs_from_args(args)
+    assert (model_config.n_layer, model_config.n_embd, model_config.n_head, cfg.batch_size) == (8, 256, 2, 16)
+    assert cfg.max_steps == 50 and "(--n_head, --n_embd as given)" in args.size_note
 
 
 def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win():
@@ -309,13 +368,13 @@ def test_float16_steps_scale_the_loss_and_skip_steps_that_overflow():
     fp16 = torch.autocast("cpu", dtype=torch.float16)
     model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", fp16, scaler)
+    newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
     assert scaler.get_scale() == 2.0 ** 10, "finite gradients keep the scale"
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every weight moved"
 
     model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 127)  # the scaled loss overflows
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, rows, 0, cfg, 0, 1, "cpu", fp16, scaler)
+    newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "the step is skipped"
     assert scaler.get_scale() == 2.0 ** 126, "and the scale halves"
 

@@ -105,13 +105,68 @@ def test_resume_refuses_other_data_and_another_optimizer(tmp_path, trained_run, 
     assert "another --optimizer" in error_line(capsys)
 
 
-def test_max_minutes_stops_early_saves_and_says_how_to_continue(tmp_path, oasst_file, capsys):
+class TickingClock:
+    """A fake clock that moves `tick` seconds each time it is read, so that a budgeted run ends without
+    waiting; `interrupt_at` sends this process a Ctrl-C once the clock passes it."""
+
+    def __init__(self, tick, interrupt_at=None):
+        self.now, self.tick, self.interrupt_at = 0.0, tick, interrupt_at
+
+    def __call__(self):
+        self.now += self.tick
+        if self.interrupt_at is not None and self.now >= self.interrupt_at:
+            self.interrupt_at = None
+            signal.raise_signal(signal.SIGINT)
+        return self.now
+
+
+def budgeted_run(data, out_dir, clock, *extra):
+    """newgpt.train in this process on a fake clock, with the command line's flags."""
+    args = newgpt.parse_args([str(a) for a in train_args(data, out_dir, *extra)])
+    return newgpt.train(*reversed(newgpt.configs_from_args(args)), args.size_note, clock=clock)
+
+
+def train_lrs(run_dir):
+    return [(r["step"], r["lr"]) for r in records(run_dir) if "lr" in r]
+
+
+def test_a_budgeted_run_ends_decayed_at_the_budget_with_a_final_evaluation(tmp_path, oasst_file, capsys):
     out = tmp_path / "ckpt"
-    assert train_in_process(*train_args(oasst_file, out, "--max_steps", "100000", "--max_minutes", "0.001")) == 0
-    assert "stopped at the --max_minutes limit" in capsys.readouterr().out
+    assert budgeted_run(oasst_file, out, TickingClock(0.1), "--max_minutes", "0.5") == 0
+    assert "the 0.5-minute budget ended at step" in capsys.readouterr().out
     _, _, ckpt = newgpt.load_checkpoint(out)
-    assert 1 <= ckpt["step"] < 100000, "a checkpoint is saved where the time ran out"
+    assert ckpt["elapsed_s"] == pytest.approx(30, rel=0.03), "the run ends within 3% of its budget"
     assert [r["step"] for r in records(out) if "val_bpb" in r][-1] == ckpt["step"], "with a final evaluation"
+    last_step, last_lr = train_lrs(out)[-1]
+    assert last_step == ckpt["step"] > 50, "no step limit: the budget alone ends the run"
+    assert last_lr == pytest.approx(1e-4, rel=0.02), f"the learning rate has decayed to --min_lr: {last_lr}"
+
+
+def test_resuming_a_budgeted_run_continues_its_schedule(tmp_path, oasst_file, capsys):
+    whole, first, resumed = tmp_path / "whole" / "ckpt", tmp_path / "part" / "ckpt", tmp_path / "part" / "ckpt"
+    assert budgeted_run(oasst_file, whole, TickingClock(0.1), "--max_minutes", "0.5") == 0
+    assert budgeted_run(oasst_file, first, TickingClock(0.1, interrupt_at=12), "--max_minutes", "0.5") == 130
+    _, _, stopped = newgpt.load_checkpoint(first)
+    assert stopped["elapsed_s"] == pytest.approx(12, abs=1), "the checkpoint records the time spent"
+    # Resumed without --max_minutes: the checkpoint's budget continues.
+    assert budgeted_run(oasst_file, resumed, TickingClock(0.1), "--resume") == 0
+    assert "for 0.5 minutes" in capsys.readouterr().out
+    whole_lrs, resumed_lrs = dict(train_lrs(whole)), train_lrs(resumed)
+    step, lr = next((s, lr) for s, lr in resumed_lrs if s > stopped["step"])
+    assert lr == pytest.approx(whole_lrs[step], rel=0.05), "the schedule goes on where it stopped"
+    assert resumed_lrs[-1][0] == pytest.approx(train_lrs(whole)[-1][0], abs=3), "and ends where it would have"
+
+
+def test_the_chosen_size_is_printed(tmp_path, oasst_file, capsys):
+    small = ["--vocab_size", "320", "--block_size", "32", "--batch_size", "2", "--max_steps", "1", "--no-compile",
+             "--dtype", "float32", "--eval_tokens", "64"]
+    data = ["--data", oasst_file, "--texts", tmp_path / "texts.json"]
+    assert train_in_process(*data, *small, "--out_dir", tmp_path / "auto", "--max_minutes", "5") == 0
+    out = capsys.readouterr().out
+    assert "model: 4 x 256 (" in out and "depth 4, chosen for cpu and a 5-minute budget; --depth overrides" in out, out
+    assert train_in_process(*data, *small, "--out_dir", tmp_path / "one", "--depth", "1") == 0
+    out = capsys.readouterr().out
+    assert "model: 1 x 128 (" in out and "depth 1, from --depth (--block_size, --batch_size as given)" in out, out
 
 
 def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, oasst_file):
@@ -150,7 +205,7 @@ def test_checkpoint_round_trip_restores_the_saved_model(tmp_path, tokenizer):
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = newgpt.checkpoint_state(model, optimizers, scaler, config, newgpt.TrainConfig(), data, step=7,
-                                    val_loss=1.5)
+                                    val_loss=1.5, elapsed_s=60.0)
     path = newgpt.save_checkpoint(state, tmp_path, keep_last=3)
     loaded, loaded_tokenizer, ckpt = newgpt.load_checkpoint(path)
     idx = torch.randint(0, config.vocab_size, (2, 16))
