@@ -3,6 +3,7 @@ TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
 
     python newgpt.py                                   # OASST2 from the Hugging Face hub
     python newgpt.py --data a.jsonl.gz b.parquet --val_data v.jsonl.gz --max_minutes 20
+    python newgpt.py --depth 8 --max_minutes 5         # a bigger model, its schedule laid over 5 minutes
     torchrun --nproc_per_node=2 newgpt.py --data ...   # data-parallel (gloo on CPU, nccl on CUDA)
 
 The file reads top to bottom as the pipeline runs:
@@ -13,10 +14,11 @@ The file reads top to bottom as the pipeline runs:
 
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
 128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
-a cross-entropy whose gradient is written out; the loss on every token for the first 30% of steps, then
-on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then cosine
-decay; bf16 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile;
-atomic checkpoints that resume bit-exactly, on CPU, CUDA or MPS.
+a cross-entropy whose gradient is written out; the loss on every token for the first 30% of the run,
+then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
+cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
+autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
+checkpoints that resume bit-exactly, on CPU, CUDA or MPS.
 chat_with_model.py imports the model and the chat format from here, so training and chatting can never
 disagree.
 """
@@ -121,6 +123,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
+    decay_fraction: float = field(default=1.0, metadata={
+        "help": "the share of the run, at its end, over which the learning rate decays to min_lr; before it "
+                "stays at lr (1: cosine decay over the whole run; with --max_minutes the default is 0.4)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, applied to matrices only"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     loss_on: str = field(default="assistant", metadata={
@@ -151,6 +156,11 @@ RECIPES = {
              "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw", "compile": False,
              "all_tokens_fraction": 0.0},
 }
+
+
+# A budgeted run keeps its peak learning rate for longer: decaying over the whole run, as a step run does,
+# lost to the same schedule cut short by the clock (bench/RESULTS.md, "Time budget").
+BUDGET_DECAY_FRACTION = 0.4
 
 
 def size_for_depth(depth, device_type):
@@ -988,11 +998,13 @@ def configure_optimizers(model, cfg, device):
 
 
 def get_lr(step, progress, cfg):
-    """Linear warmup to cfg.lr over the first steps, then cosine decay to cfg.min_lr as progress goes from
-    0 to 1. Progress is counted in steps, or in time under --max_minutes (Budget, below)."""
+    """Linear warmup to cfg.lr over the first steps, then cfg.lr until the last cfg.decay_fraction of the
+    run, then cosine decay to cfg.min_lr as progress reaches 1 (decay_fraction 1: cosine over the whole run).
+    Progress goes from 0 to 1, counted in steps, or in time under --max_minutes (Budget, below)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    decayed = max(0.0, 1.0 - (1.0 - progress) / cfg.decay_fraction)  # 0 until the decay starts, then to 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * decayed)) * (cfg.lr - cfg.min_lr)
 
 
 class Budget:
@@ -1202,6 +1214,8 @@ def check_train_config(cfg):
         raise UserError(f"--max_steps must be at least 1 (or set --max_minutes), got {cfg.max_steps}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.max_minutes < 0 or cfg.keep_last < 0:
         raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
+    if not 0 < cfg.decay_fraction <= 1:
+        raise UserError(f"--decay_fraction must be above 0 and at most 1, got {cfg.decay_fraction}")
     if not 0 <= cfg.all_tokens_fraction <= 1:
         raise UserError(f"--all_tokens_fraction must be between 0 and 1, got {cfg.all_tokens_fraction}")
 
@@ -1677,6 +1691,8 @@ def parse_args(argv=None):
     given = explicit_flags(argv) | set(RECIPES[recipe])
     if args.max_minutes and "max_steps" not in given:
         args.max_steps = 0  # the budget alone ends the run
+    if args.max_minutes and "decay_fraction" not in given:
+        args.decay_fraction = BUDGET_DECAY_FRACTION
     device_type = pick_device(args.device).split(":")[0]
     depth = args.depth or auto_depth(device_type, args.max_minutes)
     size = size_for_depth(depth, device_type)

@@ -5,6 +5,7 @@ go one after another on this machine, alone.
     python bench/budget.py                        # 10 and 30 minutes
     python bench/budget.py --minutes 2 5          # on a GPU
     python bench/budget.py --minutes 10 --only cut auto
+    python bench/budget.py --minutes 10 --only auto --flags "--decay_fraction 1"   # a schedule variant
 
 "cut" is what --max_minutes did before it shaped the schedule: the 6,800-step cosine schedule at the
 automatic size, stopped by Ctrl-C when the budget runs out (it then evaluates and saves, which this
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -103,6 +105,7 @@ def main():
     parser.add_argument("--only", nargs="+", choices=["cut", "auto", "down", "up"], help="run only these")
     parser.add_argument("--device", default="auto", help="as newgpt.py's --device")
     parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
+    parser.add_argument("--flags", default="", help='more newgpt.py flags for every run, e.g. "--decay_fraction 1"')
     args = parser.parse_args()
     device_type = newgpt.pick_device(args.device).split(":")[0]
     rows = []
@@ -110,7 +113,7 @@ def main():
         for name, flags, cut in plan(minutes, device_type):
             if args.only and name.split()[0] not in args.only:
                 continue
-            row = run(name, [*flags, "--device", args.device], minutes, args.texts, cut)
+            row = run(name, [*flags, "--device", args.device, *shlex.split(args.flags)], minutes, args.texts, cut)
             rows.append(row)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")

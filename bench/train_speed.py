@@ -4,6 +4,7 @@
     python bench/train_speed.py --steps 20 --recipes "seed (fp32)" default
     python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
     python bench/train_speed.py --steps 40 --paired "default, autograd cross-entropy"
+    python bench/train_speed.py --context 512 1024 2048 --depths 4 8   # what a longer context costs
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
 training step: forward and backward under autocast, gradient clipping, the optimizers.
@@ -15,6 +16,8 @@ The machine is shared and its speed moves within seconds, so read the ratios, no
 - --rounds N runs the list of recipes N times, interleaved, and reports each recipe's median round.
 - --paired NAME compiles the default and one code change in one process and lets them take turns step by
   step, so that both see the same machine; it prints the median of the per-step ratios.
+- --context times the --depth sizes at each context length with the same 4,096 tokens per step (fewer,
+  longer rows), so that only attention's share of the work grows.
 """
 
 import argparse
@@ -193,6 +196,18 @@ def measure(flags, steps, batch_size, code_change="", with_peaks=False):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def context_costs(depths, contexts, steps, tokens_per_step=4096):
+    """Tokens per second at each depth and context length, and the ratio to the shortest context."""
+    print(f"{'depth':>5} {'context':>7} {'rows':>4} {'tok/s':>8} {'vs ' + str(contexts[0]):>7} {'peak RSS':>9}")
+    for depth in depths:
+        first = None
+        for context in contexts:
+            r = measure(["--depth", str(depth), "--block_size", str(context)], steps, tokens_per_step // context)
+            first = first or r["tok_s"]
+            print(f"{depth:>5} {context:>7} {tokens_per_step // context:>4} {r['tok_s']:>8,.0f} "
+                  f"{r['tok_s'] / first:>6.2f}x {r['peak_rss_mb']:>7,.0f}MB", flush=True)
+
+
 def at_least_one(text):
     value = int(text)
     if value < 1:
@@ -210,6 +225,9 @@ def main():
     pairable = [name for name, change in CODE_CHANGES.items() if change != "plain_malloc"]
     parser.add_argument("--paired", choices=pairable,
                         help="time the default against this code change in one process, step by step, instead")
+    parser.add_argument("--context", type=at_least_one, nargs="+",
+                        help="time these context lengths at each of --depths instead (4,096 tokens per step)")
+    parser.add_argument("--depths", type=at_least_one, nargs="+", default=[4, 8], help="sizes for --context")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--code_change", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
@@ -218,6 +236,8 @@ def main():
         return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks)
     if args.paired:
         return run_paired(args.paired, args.steps, args.batch_size)
+    if args.context:
+        return context_costs(args.depths, args.context, args.steps)
 
     rounds = {name: [] for name in args.recipes}
     for _ in range(args.rounds):

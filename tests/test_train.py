@@ -139,7 +139,7 @@ def test_a_budgeted_run_ends_decayed_at_the_budget_with_a_final_evaluation(tmp_p
     assert [r["step"] for r in records(out) if "val_bpb" in r][-1] == ckpt["step"], "with a final evaluation"
     last_step, last_lr = train_lrs(out)[-1]
     assert last_step == ckpt["step"] > 50, "no step limit: the budget alone ends the run"
-    assert last_lr == pytest.approx(1e-4, rel=0.02), f"the learning rate has decayed to --min_lr: {last_lr}"
+    assert last_lr == pytest.approx(1e-4, rel=0.05), f"the learning rate has decayed to --min_lr: {last_lr}"
 
 
 def test_resuming_a_budgeted_run_continues_its_schedule(tmp_path, oasst_file, capsys):
