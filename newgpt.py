@@ -1495,7 +1495,8 @@ def setup_run(cfg, model_config):
     if ckpt is not None:  # a resumed run continues the checkpoint's architecture, tokenizer and budget
         model_config = model_config_from(ckpt["model_config"])
         if not cfg.max_minutes and ckpt["train_config"].get("max_minutes"):
-            cfg.max_minutes, cfg.max_steps = (ckpt["train_config"][k] for k in ("max_minutes", "max_steps"))
+            for name in ("max_minutes", "max_steps", "decay_fraction"):
+                setattr(cfg, name, ckpt["train_config"][name])
         resumed_tokenizer = ckpt["tokenizer"] | {"dir": str(resume_path.parent)}
     run = Run(cfg, model_config, device, dtype, rank, world_size)
     run.data = prepare_data(cfg, model_config.vocab_size, rank, world_size, run.log, resumed_tokenizer)

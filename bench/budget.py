@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -62,7 +63,8 @@ def wait_for_training(log_path, process):
 
 def run(name, flags, minutes, texts, cut=False):
     """One training run; returns its results row. A cut run gets Ctrl-C once `minutes` have passed."""
-    out_dir = REPO / "runs" / "budget" / f"{minutes:g}min-{name.replace(' ', '_')}"
+    label = re.sub(r"[^\w.]+", "_", f"{minutes:g}min {name} {' '.join(flags)}").strip("_")
+    out_dir = REPO / "runs" / "budget" / label
     subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     out_dir.mkdir(parents=True)
     log_path = out_dir / "stdout.log"
