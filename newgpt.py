@@ -14,7 +14,7 @@ The file reads top to bottom as the pipeline runs:
 
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
 128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
-a cross-entropy whose gradient is written out; the loss on every token for the first 30% of the run,
+a cross-entropy whose gradient is written out; the loss on every token for the first pass over the data,
 then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
@@ -130,9 +130,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     loss_on: str = field(default="assistant", metadata={
         "help": "which tokens are targets", "choices": ["assistant", "all"]})
-    all_tokens_fraction: float = field(default=0.3, metadata={
-        "help": "curriculum: put the loss on every token for this fraction of max_steps first, then on "
-                "--loss_on's tokens (0: off)"})
+    all_tokens_epochs: float = field(default=1.0, metadata={
+        "help": "curriculum: put the loss on every token for this many passes over the training data first, "
+                "then on --loss_on's tokens (0: off)"})
     eval_interval: int = field(default=200, metadata={"help": "evaluate every N steps"})
     eval_tokens: int = field(default=131072, metadata={"help": "validation tokens per evaluation (at most)"})
     save_interval: int = field(default=500, metadata={"help": "save a checkpoint every N steps"})
@@ -154,7 +154,7 @@ RECIPES = {
     "default": {},
     "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8, "pos_encoding": "learned",
              "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw", "compile": False,
-             "all_tokens_fraction": 0.0},
+             "all_tokens_epochs": 0.0},
 }
 
 
@@ -1216,8 +1216,6 @@ def check_train_config(cfg):
         raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
     if not 0 < cfg.decay_fraction <= 1:
         raise UserError(f"--decay_fraction must be above 0 and at most 1, got {cfg.decay_fraction}")
-    if not 0 <= cfg.all_tokens_fraction <= 1:
-        raise UserError(f"--all_tokens_fraction must be between 0 and 1, got {cfg.all_tokens_fraction}")
 
 
 def check_out_dir(out_dir):
@@ -1430,7 +1428,7 @@ class Progress:
 
 def train_step(model, optimizers, train_rows, step, progress, cfg, rank, world_size, device, ctx, scaler=None):
     """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
-    `progress` (0 to 1, from Budget) sets the learning rate and the curriculum's phase.
+    `progress` (0 to 1, from Budget) sets the learning rate.
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it). Under float16
     the scaler multiplies the loss so that small gradients do not round to zero, and skips a step whose
     gradients overflowed; for bfloat16 and float32 it is switched off and changes nothing."""
@@ -1438,10 +1436,12 @@ def train_step(model, optimizers, train_rows, step, progress, cfg, rank, world_s
     lr = get_lr(step, progress, cfg)
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr
+    # Curriculum: while the data is new, every token teaches English; after that, the replies teach answering.
+    rows_seen = step * cfg.grad_accum * world_size * cfg.batch_size
+    all_tokens = rows_seen < cfg.all_tokens_epochs * train_rows.n_rows
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
         rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
-        all_tokens = progress < cfg.all_tokens_fraction  # curriculum: all text first
         x, y = train_rows.get(rows, loss_on="all" if all_tokens else None)
         x, y = x.to(device), y.to(device)
         sync = world_size == 1 or micro == cfg.grad_accum - 1

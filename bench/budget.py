@@ -84,8 +84,10 @@ def run(name, flags, minutes, texts, cut=False):
     records = experiments.read_metrics(out_dir / "metrics.jsonl")
     final = [r for r in records if "val_bpb" in r][-1]
     model_line = next(line for line in log_path.read_text().splitlines() if line.startswith("model: "))
+    trained = newgpt.load_checkpoint(out_dir)[2]["train_config"]
+    schedule = {name: trained[name] for name in ("max_steps", "decay_fraction", "all_tokens_epochs")}
     return {"name": name, "minutes": minutes, "flags": " ".join(flags), "model": model_line.split(",")[0][7:],
-            "steps": final["step"], "tok_s": round(statistics.median(r["tok_per_s"] for r in records
+            "schedule": schedule, "steps": final["step"], "tok_s": round(statistics.median(r["tok_per_s"] for r in records
                                                                      if r.get("tok_per_s"))),
             "val_bpb": round(final["val_bpb"], 4), "wall_s": round(wall_s), "machine": machine(),
             "date": time.strftime("%Y-%m-%d")}

@@ -46,8 +46,8 @@ VARIANTS = {
     "no compile": ["--no-compile"],
     "muon + relu2": ["--optimizer", "muon", "--mlp_act", "relu2"],
     "muon + relu2 + vocab 16384": ["--optimizer", "muon", "--mlp_act", "relu2", "--vocab_size", "16384"],
-    "all tokens, then assistant 30%": ["--all_tokens_fraction", "0.3"],
-    "assistant tokens only": ["--all_tokens_fraction", "0"],
+    "all tokens, then assistant 30%": ["--all_tokens_epochs", "0.88"],  # 30% of 6,800 steps
+    "assistant tokens only": ["--all_tokens_epochs", "0"],
     "batch 16": ["--batch_size", "16"],
     "2 heads": ["--n_head", "2"],
     "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],

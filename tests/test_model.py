@@ -349,7 +349,7 @@ def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win
     assert "wpe" in model.transformer and model.transformer.h[0].attn.c_attn.bias is not None
     assert not model.transformer.h[0].mlp.relu2, "GELU"
     assert [type(o) for o in newgpt.configure_optimizers(model, cfg, "cpu")] == [torch.optim.AdamW]
-    assert newgpt.pick_dtype(cfg.dtype, "cpu") == "float32" and not cfg.compile and cfg.all_tokens_fraction == 0
+    assert newgpt.pick_dtype(cfg.dtype, "cpu") == "float32" and not cfg.compile and cfg.all_tokens_epochs == 0
     overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
     assert overridden.n_layer == 2
 

@@ -65,7 +65,7 @@ def test_training_writes_checkpoints_metrics_plot_and_a_loadable_model(tmp_path,
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, oasst_file, optimizer, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--max_steps", "6", "--save_interval", "3", "--keep_last", "0", "--dropout", "0.1",
-             "--optimizer", optimizer, "--all_tokens_fraction", "0.5"]
+             "--optimizer", optimizer, "--all_tokens_epochs", "1"]  # switches at step 5
     assert train_in_process(*train_args(oasst_file, straight, *flags)) == 0
     resumed.mkdir()
     for name in ["gpt_step0003.pt", *[p.name for p in straight.glob("tokenizer-*.json")]]:
@@ -309,15 +309,14 @@ def cli_error_cases(tmp_path, oasst_file):
         "zero steps": (["--data", oasst_file, "--max_steps", "0"], ["max_steps"]),
         "bad device": (["--data", oasst_file, "--device", "tpu"], ["--device"]),
         "german only": (["--data", only_german], ["no usable training"]),
-        "all-tokens fraction above 1": (["--data", oasst_file, "--all_tokens_fraction", "1.5"],
-                                        ["all_tokens_fraction", "between 0 and 1"]),
+        "no decay": (["--data", oasst_file, "--decay_fraction", "0"], ["decay_fraction", "above 0"]),
         "too little data for the block": (["--data", json_array, "--block_size", "512"], ["too little data"]),
     }
 
 
 CLI_ERROR_CASES = ["missing data", "empty data", "malformed line", "no match for language", "unknown language",
                    "heads", "block", "out_dir under a file", "out_dir is a file", "zero steps", "bad device",
-                   "german only", "all-tokens fraction above 1", "too little data for the block"]
+                   "german only", "no decay", "too little data for the block"]
 
 
 @pytest.mark.parametrize("case", CLI_ERROR_CASES)
