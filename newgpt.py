@@ -18,7 +18,7 @@ a cross-entropy whose gradient is written out; the loss on every token for the f
 then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
-checkpoints that resume bit-exactly, on CPU, CUDA or MPS.
+checkpoints that resume (a step-based run bit-exactly), on CPU, CUDA or MPS.
 chat_with_model.py imports the model and the chat format from here, so training and chatting can never
 disagree.
 """
@@ -118,8 +118,8 @@ class TrainConfig:
         "help": "optimizer steps in total; the run prints how long they will take after its first steps "
                 "(with --max_minutes and no --max_steps: no step limit)"})
     max_minutes: float = field(default=0.0, metadata={
-        "help": "a time budget: the learning-rate schedule and the curriculum follow the clock and end, with a "
-                "final evaluation and checkpoint, when it runs out (0: no budget)"})
+        "help": "a time budget: the learning rate follows the clock (see --decay_fraction) and the run ends, "
+                "with a final evaluation and checkpoint, when it runs out (0: no budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
@@ -152,9 +152,9 @@ class TrainConfig:
 # Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
 RECIPES = {
     "default": {},
-    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8, "pos_encoding": "learned",
-             "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw", "compile": False,
-             "all_tokens_epochs": 0.0},
+    "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8,
+             "pos_encoding": "learned", "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw",
+             "compile": False, "all_tokens_epochs": 0.0},
 }
 
 
@@ -1567,20 +1567,20 @@ def training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop):
     ctx = autocast_context(run.device, run.dtype)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model_config.block_size
-    progress = Progress(cfg, step, tokens_per_step, budget, enabled=master)
+    bar = Progress(cfg, step, tokens_per_step, budget, enabled=master)
     first_step, saved = step, None
     try:
         while True:
-            schedule, stop_requested = max_over_ranks([budget.progress(step), float(stop.requested)],
+            progress, stop_requested = max_over_ranks([budget.progress(step), float(stop.requested)],
                                                       run.world_size, run.device)
-            last_step, stopping = schedule >= 1.0, stop_requested > 0
+            last_step, stopping = progress >= 1.0, stop_requested > 0
             eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
                 val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
                 if master:
                     write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                                  "elapsed_s": round(budget.elapsed(), 1)})
-                progress.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+                bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
                                          val_loss, budget.elapsed())
@@ -1592,19 +1592,19 @@ def training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop):
 
             step_started = time.time()
             loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step,
-                                                        schedule, ctx)
+                                                        progress, ctx)
             if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
                 last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
                 raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
                                 f"({last_good}); try a lower --lr or --dtype float32")
             step += 1
-            tok_per_s = progress.update(step, time.time() - step_started, loss, lr)
+            tok_per_s = bar.update(step, time.time() - step_started, loss, lr)
             if master and step % cfg.log_interval == 0:
                 write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
                                              "tok_per_s": round(tok_per_s or 0),
                                              "elapsed_s": round(budget.elapsed(), 1)})
     finally:  # an error mid-run must not print on the bar's line
-        progress.close()
+        bar.close()
     return step, saved
 
 

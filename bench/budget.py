@@ -8,10 +8,11 @@ go one after another on this machine, alone.
     python bench/budget.py --minutes 10 --only auto --flags "--decay_fraction 1"   # a schedule variant
 
 "cut" is what --max_minutes did before it shaped the schedule: the 6,800-step cosine schedule at the
-automatic size, with its curriculum (all tokens for the first 30% of the steps), stopped by Ctrl-C when the budget runs out (it then evaluates and saves, which this
-script does not count against it). The others run `newgpt.py --max_minutes N --depth D`. Every run
-starts its clock at newgpt.py's "training on" line, after the data is prepared. Runs go to runs/budget/;
-results are appended to bench/results/budget.jsonl and printed as a table.
+automatic size, with its curriculum (all tokens for the first 30% of the steps), stopped by Ctrl-C when
+the budget runs out (it then evaluates and saves, which this script does not count against it). The
+others run `newgpt.py --max_minutes N --depth D`. Every run starts its clock at newgpt.py's "training on"
+line, after the data is prepared. Runs go to runs/budget/; results are appended to
+bench/results/budget.jsonl and printed as a table.
 """
 
 import argparse
@@ -87,12 +88,11 @@ def run(name, flags, minutes, texts, cut=False):
     final = [r for r in records if "val_bpb" in r][-1]
     model_line = next(line for line in log_path.read_text().splitlines() if line.startswith("model: "))
     trained = newgpt.load_checkpoint(out_dir)[2]["train_config"]
-    schedule = {name: trained[name] for name in ("max_steps", "decay_fraction", "all_tokens_epochs")}
+    schedule = {key: trained[key] for key in ("max_steps", "decay_fraction", "all_tokens_epochs")}
+    tok_s = statistics.median(r["tok_per_s"] for r in records if r.get("tok_per_s"))
     return {"name": name, "minutes": minutes, "flags": " ".join(flags), "model": model_line.split(",")[0][7:],
-            "schedule": schedule, "steps": final["step"], "tok_s": round(statistics.median(r["tok_per_s"] for r in records
-                                                                     if r.get("tok_per_s"))),
-            "val_bpb": round(final["val_bpb"], 4), "wall_s": round(wall_s), "machine": machine(),
-            "date": time.strftime("%Y-%m-%d")}
+            "schedule": schedule, "steps": final["step"], "tok_s": round(tok_s), "val_bpb": round(final["val_bpb"], 4),
+            "wall_s": round(wall_s), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
 
 
 def plan(minutes, device_type):
@@ -124,8 +124,8 @@ def main():
             rows.append(row)
             with open(RESULTS, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"{minutes:g} min  {name:<16} {row['model']:<28} steps {row['steps']:>6}  tok/s {row['tok_s']:>7,}  "
-                  f"val bpb {row['val_bpb']:.4f}  wall {row['wall_s']} s", flush=True)
+            print(f"{minutes:g} min  {name:<16} {row['model']:<28} steps {row['steps']:>6}  "
+                  f"tok/s {row['tok_s']:>7,}  val bpb {row['val_bpb']:.4f}  wall {row['wall_s']} s", flush=True)
     print(f"\n{'budget':>6}  {'run':<16} {'model':<28} {'steps':>6} {'tok/s':>8} {'val bpb':>8} {'wall s':>7}")
     for r in rows:
         print(f"{r['minutes']:>4g} m  {r['name']:<16} {r['model']:<28} {r['steps']:>6} {r['tok_s']:>8,} "

@@ -7,7 +7,8 @@ budget, and the table compares final validation bits per byte.
 
 For a fair budget each run's cosine schedule must end when its time does, so the script first measures
 the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
-what fits; --max_minutes stops a run that is slower than measured. Compilation time counts against the
+what fits; --max_minutes ends a run that is slower than measured (with --decay_fraction 1, the cosine
+schedule of these measurements, which predate the budgeted schedule). Compilation time counts against the
 budget, as it does for a user. Runs go to runs/experiments/NAME; results are appended to
 runs/experiments/results.jsonl and printed as a table.
 """
@@ -90,7 +91,7 @@ def run_variant(name, flags, minutes, texts, fixed_steps=0, evaluations=4):
                *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
                "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
                "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
-               "--max_minutes", str(minutes * 1.1), *flags]
+               "--max_minutes", str(minutes * 1.1), "--decay_fraction", "1", *flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     started = time.time()

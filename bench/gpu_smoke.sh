@@ -4,12 +4,14 @@
 #   DEVICE=cpu STEPS=30 bash bench/gpu_smoke.sh      # the script's own flow, checked on a CPU
 # 1. tests/test_cuda.py: tiny runs in bf16 and fp16 (with the loss scaler), exact resume with dropout, chat
 #    sampling on the GPU, a GPU checkpoint loaded and resumed on the CPU.
-# 2. The default-size model for $STEPS (300) steps on the GPU (data from ../shared/data if present, else generated
-#    fixture conversations), Ctrl-C after the first checkpoint, --resume to the end, then one chat answer.
+# 2. The size the dial picks for the device, for $STEPS (300) steps (data from ../shared/data if present, else
+#    generated fixture conversations), Ctrl-C after the first checkpoint, --resume to the end, one chat answer.
+# 3. A run with a $MINUTES-minute budget (1): it must end at the budget, decayed, with a final evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-300}
+MINUTES=${MINUTES:-1}
 SAVE=$((STEPS / 3))
 if [ "$DEVICE" = cuda ]; then
     python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
@@ -40,4 +42,7 @@ echo "first run exit status: $status (130: interrupted and saved)"
 
 "${run[@]}" --resume 2>&1 | tr '\r' '\n' | grep -E "^(training|speed|step|saved)"
 python chat_with_model.py --ckpt "$work/ckpt" --device "$DEVICE" --prompt "What is the capital of France?" --show_speed
+
+python newgpt.py --data "${data[@]}" "${val[@]}" --texts "$work/texts.json" --out_dir "$work/budget" \
+    --device "$DEVICE" --max_minutes "$MINUTES" 2>&1 | tr '\r' '\n' | grep -E "^(model|training|speed|step|saved|the )"
 rm -rf "$work"

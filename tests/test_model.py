@@ -326,7 +326,8 @@ def test_every_depth_gives_a_valid_config(device_type):
         config = newgpt.GPTConfig(**{k: v for k, v in size.items() if k in newgpt.GPTConfig.__dataclass_fields__})
         newgpt.check_model_config(config)
         assert config.n_layer == depth and config.n_embd // config.n_head == 128, f"depth {depth}: {size}"
-        assert config.n_embd >= 64 * depth and size["batch_size"] * config.block_size >= 4096, f"depth {depth}: {size}"
+        assert config.n_embd >= 64 * depth, f"depth {depth}: {size}"
+        assert size["batch_size"] * config.block_size >= 4096, f"depth {depth}: {size}"
 
 
 def test_the_dial_picks_the_measured_sizes_and_single_flags_still_win(monkeypatch):
