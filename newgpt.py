@@ -168,8 +168,8 @@ def size_for_depth(depth, device_type):
     grows by 64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims, the head size
     that measured best. From depth 12 (91M parameters, ten per training token) dropout holds off
     overfitting. The learning rate stays: Muon scales each matrix's update to AdamW's size, and the same
-    1e-3 trained every depth measured. A GPU buys a longer context for chat history at the same tokens
-    per step; a CPU would pay for it in steps."""
+    1e-3 trained every depth measured. On CUDA the context doubles, for longer chat histories, at the same
+    tokens per step; a CPU keeps the 512 that its measurements used."""
     n_head = (depth + 1) // 2
     size = {"n_layer": depth, "n_head": n_head, "n_embd": 128 * n_head, "dropout": 0.1 if depth >= 12 else 0.0}
     if device_type == "cuda":
@@ -178,7 +178,7 @@ def size_for_depth(depth, device_type):
 
 
 def auto_depth(device_type, max_minutes):
-    """The depth that measured best for this kind of device and budget (bench/RESULTS.md, "Model size")."""
+    """The depth measured best for the device and budget (bench/RESULTS.md, "Time budget and model size")."""
     if device_type == "cuda":
         return 8 if 0 < max_minutes < 3 else 12
     return 4
