@@ -123,7 +123,8 @@ class TickingClock:
 def budgeted_run(data, out_dir, clock, *extra):
     """newgpt.train in this process on a fake clock, with the command line's flags."""
     args = newgpt.parse_args([str(a) for a in train_args(data, out_dir, *extra)])
-    return newgpt.train(*reversed(newgpt.configs_from_args(args)), args.size_note, clock=clock)
+    model_config, cfg = newgpt.configs_from_args(args)
+    return newgpt.train(cfg, model_config, args.size_note, clock=clock)
 
 
 def train_lrs(run_dir):
