@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import experiments  # noqa: E402
 
@@ -43,12 +45,8 @@ CUT_ALL_TOKENS_EPOCHS = 0.88
 
 def machine():
     """The processor (or GPU) the runs share, for the results file."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
