@@ -187,7 +187,10 @@ def auto_depth(device_type, max_minutes):
 # Model
 
 
-def rope_tables(block_size, head_size, base=10000.0):
+ROPE_BASE = 10000.0  # RoPE's wavelength base (Su et al. 2021); export_hf.py writes it into the HF config
+
+
+def rope_tables(block_size, head_size, base=ROPE_BASE):
     """cos/sin tables for rotary position embeddings (Su et al. 2021), each (block_size, 1, head_size/2):
     one row per position, broadcast over the heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
@@ -1342,12 +1345,12 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     return ckpt["step"]
 
 
-def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, val_loss, elapsed_s):
+def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, last_eval, elapsed_s):
     """Everything --resume needs to continue exactly (the time spent too, for a budgeted schedule), and
-    everything chat needs to rebuild the model."""
+    everything chat needs to rebuild the model; last_eval holds the newest val_loss and val_bpb."""
     return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
             "scaler": scaler.state_dict(), "model_config": asdict(model_config), "train_config": asdict(cfg),
-            "step": step, "elapsed_s": elapsed_s, "val_loss": val_loss, "tokenizer": data.tokenizer_info,
+            "step": step, "elapsed_s": elapsed_s, **last_eval, "tokenizer": data.tokenizer_info,
             "texts_sha256": data.texts["sha256"], "rng": rng_state()}
 
 
@@ -1559,7 +1562,7 @@ def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows,
         return (*train_step(trained, *args), trained)
 
 
-def training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop):
+def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop):
     """Each step in order: evaluate -> checkpoint -> train step -> log. Returns (last step, saved path)."""
     cfg, master = run.cfg, run.master
     trained = wrap_for_training(model, run, should_compile(run))
@@ -1578,13 +1581,13 @@ def training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop):
             eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
                 val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
+                last_eval = {"val_loss": val_loss, "val_bpb": val_bpb}
                 if master:
-                    write_metrics(metrics_path, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                                 "elapsed_s": round(budget.elapsed(), 1)})
+                    write_metrics(metrics_path, {"step": step, **last_eval, "elapsed_s": round(budget.elapsed(), 1)})
                 bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
-                                         val_loss, budget.elapsed())
+                                         last_eval, budget.elapsed())
                 saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
             if last_step or stopping:
                 break
@@ -1618,8 +1621,8 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
             + (f", for {cfg.max_minutes:g} minutes: the schedule follows the clock" if cfg.max_minutes else ""))
     budget = Budget(cfg, spent_s=(ckpt or {}).get("elapsed_s", 0.0), clock=clock)
     with StopRequest() as stop:
-        val_loss = (ckpt or {}).get("val_loss")
-        end_step, saved = training_loop(run, model, optimizers, scaler, step, val_loss, budget, stop)
+        last_eval = {key: (ckpt or {}).get(key) for key in ("val_loss", "val_bpb")}
+        end_step, saved = training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
     if run.master:
         plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
         if saved:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import newgpt
 
@@ -108,3 +109,17 @@ def copy_run(run_dir, destination):
     """A copy of a run's directory (checkpoints and tokenizer), for a test that damages or edits it."""
     shutil.copytree(run_dir, destination)
     return destination
+
+
+def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None):
+    """Save `model` as a TinyGPT checkpoint with `tokenizer` beside it, as a training run would."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tok.json"))
+    tokenizer_info = {"file": "tok.json", "sha256": newgpt.file_sha256(directory / "tok.json")}
+    data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
+    optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = newgpt.checkpoint_state(model, optimizers, scaler, model.config, newgpt.TrainConfig(), data, step,
+                                    last_eval or {"val_loss": 1.5, "val_bpb": 0.5}, elapsed_s=60.0)
+    return newgpt.save_checkpoint(state, directory, keep_last=3)

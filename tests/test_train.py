@@ -16,7 +16,7 @@ import torch
 
 import newgpt
 from conftest import (REPO, TINY_FLAGS, copy_run, oasst_rows, run_newgpt, train_args, train_in_process,
-                      write_jsonl)
+                      write_checkpoint, write_jsonl)
 
 
 def assert_clean_error(result, *fragments):
@@ -201,18 +201,11 @@ def test_checkpoint_round_trip_restores_the_saved_model(tmp_path, tokenizer):
     torch.manual_seed(0)
     config = newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=2, n_head=2, n_embd=32)
     model = newgpt.GPT(config)
-    tokenizer.save(str(tmp_path / "tok.json"))
-    tokenizer_info = {"file": "tok.json", "sha256": newgpt.file_sha256(tmp_path / "tok.json")}
-    data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
-    optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = newgpt.checkpoint_state(model, optimizers, scaler, config, newgpt.TrainConfig(), data, step=7,
-                                    val_loss=1.5, elapsed_s=60.0)
-    path = newgpt.save_checkpoint(state, tmp_path, keep_last=3)
+    path = write_checkpoint(model, tokenizer, tmp_path, step=7, last_eval={"val_loss": 1.5, "val_bpb": 0.5})
     loaded, loaded_tokenizer, ckpt = newgpt.load_checkpoint(path)
     idx = torch.randint(0, config.vocab_size, (2, 16))
     assert torch.equal(model.eval()(idx)[0], loaded.eval()(idx)[0]), "the loaded model computes the saved one"
-    assert ckpt["step"] == 7 and ckpt["val_loss"] == 1.5 and loaded.config == config
+    assert ckpt["step"] == 7 and ckpt["val_loss"] == 1.5 and ckpt["val_bpb"] == 0.5 and loaded.config == config
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
