@@ -239,7 +239,8 @@ chat = pipeline("text-generation", model="{out}")
 print(chat([{{"role": "user", "content": "What is a llama?"}}])[0]["generated_text"][-1]["content"])
 ```
 
-Generation stops at `<|end|>`, the end of a turn. By default it samples as the TinyGPT chat does: {sampling}.
+Generation stops at `<|end|>`, the end of a turn. By default it samples with the TinyGPT chat's settings:
+{sampling} (transformers applies the penalty to the whole context, the TinyGPT chat to its last 64 tokens).
 
 ## Training data
 
@@ -277,6 +278,8 @@ def export(ckpt_path, out, force=False, dtype="float32"):
         hf_model.save_pretrained(staging)
         hf_tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(model_card(ckpt, hf_model, model, run_dir, out))
+        for written in staging.iterdir():  # safetensors writes its file private (0600); the folder is for sharing
+            written.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
