@@ -75,6 +75,9 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
 HF_DATASET = "OpenAssistant/oasst2"
+# The evaluation prompts of bench/chat_quality.py: no training run may see them.
+HOLDOUT_FILES = [Path(__file__).resolve().parent / "bench" / name
+                 for name in ("knowledge_questions.jsonl", "chat_prompts.jsonl")]
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -100,7 +103,16 @@ class GPTConfig:
 @dataclass
 class TrainConfig:
     data: list = field(default_factory=lambda: [HF_DATASET], metadata={
-        "help": "training sources: a Hugging Face dataset id or local .jsonl/.jsonl.gz/.json/.parquet files"})
+        "help": "chat sources: a Hugging Face dataset id or local .jsonl/.jsonl.gz/.json/.parquet files; "
+                "SOURCE:WEIGHT repeats a source's rows WEIGHT times per pass (0.5: half of them)"})
+    pretrain_data: list = field(default_factory=list, metadata={
+        "help": "knowledge-stage sources (documents, Q/A pairs), trained on before the chat stage, with the "
+                "loss on every token; SOURCE:WEIGHT as for --data (none: one chat stage)"})
+    pretrain_fraction: float = field(default=0.5, metadata={
+        "help": "the knowledge stage's share of the steps, or of the time budget"})
+    holdout: list = field(default_factory=lambda: [str(p) for p in HOLDOUT_FILES], metadata={
+        "help": "JSONL files of evaluation prompts ('question' or 'prompt'): training conversations that ask "
+                "one of them, or a close paraphrase, are dropped"})
     val_data: list = field(default_factory=list, metadata={
         "help": "held-out sources; without it about 2%% of the message trees are held out"})
     texts: str = field(default="train_texts.json", metadata={
@@ -605,15 +617,25 @@ def is_usable(conversation):
     return roles == {"text"} or {"user", "assistant"} <= roles
 
 
+def split_weight(spec):
+    """'data/a.jsonl.gz:3' -> ('data/a.jsonl.gz', 3.0); a spec without a weight has weight 1."""
+    path, _, weight = spec.rpartition(":")
+    if not path or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", weight):
+        return spec, 1.0
+    return path, float(weight)
+
+
 def conversations_from_sources(specs, split, langs, branches, max_samples=0):
-    """All sources' conversations, deduplicated. max_samples caps the records read over all sources,
-    as the original project took the first 20k rows of OASST2."""
+    """All sources' conversations, deduplicated, each tagged with its source. max_samples caps the records
+    read over all sources, as the original project took the first 20k rows of OASST2."""
     conversations, budget = [], max_samples or math.inf
     for spec in specs:
-        records = read_source(spec, split)
+        source = split_weight(spec)[0]
+        records = read_source(source, split)
         records = records[:budget] if budget < len(records) else records
         budget -= len(records)
-        conversations += [c for c in records_to_conversations(records, spec, langs, branches) if is_usable(c)]
+        conversations += [c | {"source": source}
+                          for c in records_to_conversations(records, source, langs, branches) if is_usable(c)]
         if budget <= 0:
             break
     return deduplicate(conversations)
@@ -651,6 +673,44 @@ def decontaminate(train, val, min_chars=64):
     return [c for c in train if not any(t["content"] in val_contents for t in c["turns"])]
 
 
+def question_words(text):
+    """The words that make a question this question: lower case, without function words or a plural s."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in FUNCTION_WORDS)
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the is are was were be been of in on at to for by with from and or what which who whom whose how why "
+    "when where do does did can could would should will shall may might me my you your i it its this that these "
+    "those there s tell please about give some any".split())
+
+
+def read_holdout(paths):
+    """The questions of each holdout file, as word sets; a missing file stops the run."""
+    questions = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise UserError(f"holdout file not found: {path} (--holdout lists evaluation prompts to keep out)")
+        for record in read_records(path):
+            text = record.get("question") or record.get("prompt") if isinstance(record, dict) else None
+            if not text:
+                raise UserError(f"{path}: each line needs a 'question' or 'prompt', got {str(record)[:80]}")
+            questions.append(question_words(text))
+    return [q for q in questions if q]
+
+
+def asks_a_holdout_question(conversation, holdout):
+    """A user turn that asks an evaluation question, or a close paraphrase: it holds all of that question's
+    words and at most twice as many plus two. A long message that happens to use those words is kept, and so
+    are documents: a fact stated in a document is knowledge, an evaluation question in the data is a leak."""
+    for turn in conversation["turns"]:
+        if turn["role"] == "user":
+            words = question_words(turn["content"])
+            if any(q <= words and len(words) <= 2 * len(q) + 2 for q in holdout):
+                return True
+    return False
+
+
 def parse_langs(langs):
     if langs.strip() == "all":
         return None
@@ -668,9 +728,12 @@ def content_hash(obj):
 
 
 def build_texts(cfg):
-    """Read every source, build conversations, split train/val and record where they came from."""
+    """Read every source, build conversations, split train/val, keep the evaluation prompts out of training
+    and record where they came from."""
     langs = parse_langs(cfg.langs)
+    holdout = read_holdout(cfg.holdout)
     train = conversations_from_sources(cfg.data, "train", langs, cfg.branches, cfg.max_samples)
+    pretrain = conversations_from_sources(cfg.pretrain_data, "train", None, cfg.branches)
     if cfg.val_data:
         val = conversations_from_sources(cfg.val_data, "validation", langs, cfg.branches)
     elif cfg.data == [HF_DATASET]:
@@ -678,19 +741,29 @@ def build_texts(cfg):
     else:
         train, val = split_by_group(train)
     train = decontaminate(train, val)
+    pretrain = decontaminate(pretrain, val)
+    kept = [[c for c in split if not asks_a_holdout_question(c, holdout)] for split in (train, pretrain)]
+    held_out = len(train) + len(pretrain) - len(kept[0]) - len(kept[1])
+    train, pretrain = kept
     if not train:
         raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
                         f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
     if not val:
         raise UserError("no validation conversations: give --val_data or more data")
-    return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val]),
-            "train": train, "val": val}
+    if cfg.pretrain_data and not pretrain:
+        raise UserError(f"no usable documents or Q/A pairs in {' '.join(cfg.pretrain_data)}")
+    return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val, pretrain]),
+            "held_out": held_out, "train": train, "val": val, "pretrain": pretrain}
 
 
 def build_options(cfg):
     """What train_texts.json depends on: a file built with other options is rebuilt."""
-    return {"data": cfg.data, "val_data": cfg.val_data, "langs": cfg.langs, "branches": cfg.branches,
-            "max_samples": cfg.max_samples}
+    def sources(specs):  # weights only change how often rows are drawn, not the texts
+        return [split_weight(spec)[0] for spec in specs]
+
+    holdout = [content_hash(Path(p).read_text()) if Path(p).is_file() else p for p in cfg.holdout]
+    return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
+            "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout}
 
 
 def is_texts_file(texts):
@@ -714,7 +787,8 @@ def read_texts_file(path):
         c.setdefault("group", content_hash(c["turns"]))
     if not texts.get("val"):
         texts["train"], texts["val"] = split_by_group(texts["train"])
-    texts.setdefault("sha256", content_hash([texts["train"], texts["val"]]))
+    texts.setdefault("pretrain", [])
+    texts.setdefault("sha256", content_hash([texts["train"], texts["val"], texts["pretrain"]]))
     return texts
 
 
@@ -856,6 +930,41 @@ class PackedRows:
         x, y = chunk[:, :-1], chunk[:, 1:].clone()
         if (loss_on or self.loss_on) == "assistant":
             y[torch.from_numpy(self.mask[starts[:, 1:]] == 0)] = IGNORE_INDEX
+        return x, y
+
+
+def by_source(conversations):
+    """{source: its conversations}, in the order the sources first appear ("texts" for a user's own file)."""
+    groups = {}
+    for c in conversations:
+        groups.setdefault(c.get("source", "texts"), []).append(c)
+    return groups
+
+
+class MixedRows:
+    """Several sources' PackedRows as one table of (source, row) pairs, in which each source's rows appear
+    `weight` times: an epoch of the table draws each source in proportion to weight x size. A fractional
+    weight keeps a fixed, seeded share of a source's rows (0.5: half of them, every epoch the same half)."""
+
+    def __init__(self, parts, weights, seed=0):
+        rng = np.random.default_rng(seed)
+        table = []
+        for source, (rows, weight) in enumerate(zip(parts, weights)):
+            whole, fraction = divmod(weight, 1.0)
+            picked = [np.tile(np.arange(rows.n_rows), int(whole)),
+                      rng.permutation(rows.n_rows)[:round(fraction * rows.n_rows)]]
+            picked = np.concatenate(picked)
+            table.append(np.stack([np.full(len(picked), source), picked], axis=1))
+        self.parts, self.table = parts, np.concatenate(table)  # (n_rows, 2)
+        self.block_size, self.n_rows = parts[0].block_size, len(self.table)
+
+    def get(self, rows, loss_on=None):
+        picks = self.table[np.asarray(rows)]
+        x = torch.empty(len(picks), self.block_size, dtype=torch.long)
+        y = torch.empty_like(x)
+        for source in np.unique(picks[:, 0]):
+            chosen = picks[:, 0] == source
+            x[chosen], y[chosen] = self.parts[source].get(picks[chosen, 1], loss_on)
         return x, y
 
 
@@ -1254,8 +1363,11 @@ def prepare_tokenizer(texts, vocab_size, out_dir):
     another run's checkpoints keep their own tokenizer."""
     path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
     if not path.is_file():
-        contents = (t["content"] for c in texts["train"] for t in c["turns"])
-        tokenizer = train_tokenizer(contents, vocab_size)
+        chat = [t["content"] for c in texts["train"] for t in c["turns"]]
+        knowledge = [t["content"] for c in texts["pretrain"] for t in c["turns"]]
+        # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
+        every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
+        tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
         atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
     return path
 
@@ -1281,8 +1393,11 @@ def load_or_build_data(cfg, vocab_size, resumed):
             source = Path(resumed["dir"]) / resumed["file"]
             atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(source, tmp))
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
-    arrays = {split: cached_token_arrays(tokenizer, sha, texts[split], texts["sha256"], split,
-                                         Path(cfg.out_dir) / "data") for split in ("train", "val")}
+    cache_dir = Path(cfg.out_dir) / "data"
+    arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}
+    for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
+        arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
+                         for i, (source, group) in enumerate(by_source(texts[split]).items())]
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 
@@ -1297,25 +1412,42 @@ def prepare_data(cfg, vocab_size, rank, world_size, log, resumed=None):
     barrier(world_size)
     if rank > 0:
         data, how = load_or_build_data(cfg, vocab_size, resumed)
-    texts, (train_ids, _), (val_ids, _) = data.texts, data.arrays["train"], data.arrays["val"]
-    train_token_bytes = token_byte_lengths(data.tokenizer)[train_ids]
+    texts = data.texts
+    n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
+    train_token_bytes = token_byte_lengths(data.tokenizer)[np.concatenate([ids for _, ids, _ in data.arrays["train"]])]
     n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
     log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
-        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {len(train_ids):,} / {len(val_ids):,} tokens, "
-        f"{train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
-        f"{time.time() - started:.1f}s")
+        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
+        f"tokens, {train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
+        f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {time.time() - started:.1f}s")
+    if texts["pretrain"]:
+        log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "
+            f"{len(data.arrays['pretrain'])} sources, {n_tokens['pretrain']:,} tokens")
     return data
 
 
+def mixed_rows(arrays, specs, block_size, loss_on, seed):
+    """One split's sources as MixedRows, each weighted as its spec says (SOURCE:WEIGHT); None if empty."""
+    weights = dict(split_weight(spec) for spec in specs)
+    parts = [(PackedRows(ids, mask, block_size, loss_on), weights.get(source, 1.0)) for source, ids, mask in arrays]
+    parts = [(rows, weight) for rows, weight in parts if rows.n_rows > 0]
+    if not parts:
+        return None
+    return MixedRows([rows for rows, _ in parts], [weight for _, weight in parts], seed)
+
+
 def packed_splits(data, model_config, cfg):
-    """Training rows (targets per --loss_on) and validation rows (always the assistant's tokens)."""
-    train_rows = PackedRows(*data.arrays["train"], model_config.block_size, cfg.loss_on)
-    val_rows = PackedRows(*data.arrays["val"], model_config.block_size, "assistant",
-                          data.tokenizer.token_to_id("<|pad|>"))
-    if train_rows.n_rows < 1 or val_rows.n_rows < 1:
-        raise UserError(f"too little data for block_size {model_config.block_size}: {train_rows.n_rows} train / "
+    """Chat rows (targets per --loss_on), knowledge rows (every token; None without --pretrain_data) and
+    validation rows (always the assistant's tokens)."""
+    T = model_config.block_size
+    train_rows = mixed_rows(data.arrays["train"], cfg.data, T, cfg.loss_on, cfg.seed)
+    knowledge_rows = mixed_rows(data.arrays["pretrain"], cfg.pretrain_data, T, "all", cfg.seed)
+    (_, val_ids, val_mask), = data.arrays["val"]
+    val_rows = PackedRows(val_ids, val_mask, T, "assistant", data.tokenizer.token_to_id("<|pad|>"))
+    if train_rows is None or train_rows.n_rows < 1 or val_rows.n_rows < 1:
+        raise UserError(f"too little data for block_size {T}: {train_rows.n_rows if train_rows else 0} train / "
                         f"{val_rows.n_rows} val rows")
-    return train_rows, val_rows
+    return train_rows, knowledge_rows, val_rows
 
 
 def rng_state():
@@ -1345,13 +1477,14 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     return ckpt["step"]
 
 
-def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, last_eval, elapsed_s):
-    """Everything --resume needs to continue exactly (the time spent too, for a budgeted schedule), and
-    everything chat needs to rebuild the model; last_eval holds the newest val_loss and val_bpb."""
+def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, last_eval, elapsed_s, chat_start=0):
+    """Everything --resume needs to continue exactly (the time spent too, for a budgeted schedule, and the
+    step the chat stage began at, None while in the knowledge stage), and everything chat needs to rebuild
+    the model; last_eval holds the newest val_loss and val_bpb."""
     return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
             "scaler": scaler.state_dict(), "model_config": asdict(model_config), "train_config": asdict(cfg),
             "step": step, "elapsed_s": elapsed_s, **last_eval, "tokenizer": data.tokenizer_info,
-            "texts_sha256": data.texts["sha256"], "rng": rng_state()}
+            "texts_sha256": data.texts["sha256"], "rng": rng_state(), "chat_start_step": chat_start}
 
 
 def write_metrics(path, record):
@@ -1430,9 +1563,32 @@ class Progress:
         self.bar.close()
 
 
-def train_step(model, optimizers, train_rows, step, progress, cfg, rank, world_size, device, ctx, scaler=None):
-    """One optimizer step: grad_accum micro-batches forward and backward, clip, step. Returns (loss, lr).
-    `progress` (0 to 1, from Budget) sets the learning rate.
+@dataclass
+class Stage:
+    """What one training stage's steps read: its rows, in an order that starts over at the step the stage
+    began, with the loss on every token for its first all_tokens_rows rows (then on --loss_on's)."""
+    name: str  # "knowledge" or "chat"
+    rows: object  # MixedRows
+    first_step: int
+    all_tokens_rows: float
+
+
+def current_stage(chat_rows, knowledge_rows, cfg, chat_start):
+    """The stage a run is in: knowledge until the chat stage starts (at step chat_start, or never yet: None)."""
+    if chat_start is None:
+        return Stage("knowledge", knowledge_rows, 0, math.inf)
+    return Stage("chat", chat_rows, chat_start, cfg.all_tokens_epochs * chat_rows.n_rows)
+
+
+def chat_stage_starts(chat_start, knowledge_rows, progress, cfg):
+    """Whether the chat stage begins now: at once without knowledge data, else when the knowledge stage has
+    had its share (--pretrain_fraction) of the steps or of the time."""
+    return chat_start is None and (knowledge_rows is None or progress >= cfg.pretrain_fraction)
+
+
+def train_step(model, optimizers, stage, step, progress, cfg, rank, world_size, device, ctx, scaler=None):
+    """One optimizer step: grad_accum micro-batches of the stage's rows forward and backward, clip, step.
+    Returns (loss, lr). `progress` (0 to 1, from Budget) sets the learning rate.
     Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it). Under float16
     the scaler multiplies the loss so that small gradients do not round to zero, and skips a step whose
     gradients overflowed; for bfloat16 and float32 it is switched off and changes nothing."""
@@ -1441,12 +1597,12 @@ def train_step(model, optimizers, train_rows, step, progress, cfg, rank, world_s
     for group in (group for optimizer in optimizers for group in optimizer.param_groups):
         group["lr"] = lr
     # Curriculum: while the data is new, every token teaches English; after that, the replies teach answering.
-    rows_seen = step * cfg.grad_accum * world_size * cfg.batch_size
-    all_tokens = rows_seen < cfg.all_tokens_epochs * train_rows.n_rows
+    stage_step = step - stage.first_step
+    all_tokens = stage_step * cfg.grad_accum * world_size * cfg.batch_size < stage.all_tokens_rows
     step_loss = 0.0
     for micro in range(cfg.grad_accum):
-        rows = training_rows(step, micro, cfg, rank, world_size, train_rows.n_rows)
-        x, y = train_rows.get(rows, loss_on="all" if all_tokens else None)
+        rows = training_rows(stage_step, micro, cfg, rank, world_size, stage.rows.n_rows)
+        x, y = stage.rows.get(rows, loss_on="all" if all_tokens else None)
         x, y = x.to(device), y.to(device)
         sync = world_size == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
@@ -1543,10 +1699,10 @@ def should_compile(run):
     return run.cfg.compile
 
 
-def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step, progress, ctx):
+def train_step_or_fall_back(trained, model, run, optimizers, scaler, stage, step, progress, ctx):
     """train_step on the compiled model. If compilation fails (no working C++ compiler, an unsupported
     platform), say so in one line and take the step again without it. Returns (loss, lr, trained model)."""
-    args = (optimizers, train_rows, step, progress, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
+    args = (optimizers, stage, step, progress, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
     if (trained.module if run.world_size > 1 else trained) is model:  # not compiled: nothing to fall back from
         return (*train_step(trained, *args), trained)
     rng = rng_state()
@@ -1562,11 +1718,12 @@ def train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows,
         return (*train_step(trained, *args), trained)
 
 
-def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop):
-    """Each step in order: evaluate -> checkpoint -> train step -> log. Returns (last step, saved path)."""
+def training_loop(run, model, optimizers, scaler, step, last_eval, chat_start, budget, stop):
+    """Each step in order: (stage switch) -> evaluate -> checkpoint -> train step -> log.
+    Returns (last step, saved path)."""
     cfg, master = run.cfg, run.master
     trained = wrap_for_training(model, run, should_compile(run))
-    train_rows, val_rows = packed_splits(run.data, run.model_config, cfg)
+    chat_rows, knowledge_rows, val_rows = packed_splits(run.data, run.model_config, cfg)
     byte_lengths = torch.from_numpy(token_byte_lengths(run.data.tokenizer)).to(run.device)
     ctx = autocast_context(run.device, run.dtype)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
@@ -1578,6 +1735,11 @@ def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
             progress, stop_requested = max_over_ranks([budget.progress(step), float(stop.requested)],
                                                       run.world_size, run.device)
             last_step, stopping = progress >= 1.0, stop_requested > 0
+            if chat_stage_starts(chat_start, knowledge_rows, progress, cfg):
+                chat_start = step
+                if knowledge_rows is not None:
+                    bar.write(f"step {step}: the knowledge stage ends, the chat stage begins")
+            stage = current_stage(chat_rows, knowledge_rows, cfg, chat_start)
             eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
                 val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
@@ -1587,7 +1749,7 @@ def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
                 bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
-                                         last_eval, budget.elapsed())
+                                         last_eval, budget.elapsed(), chat_start)
                 saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
             if last_step or stopping:
                 break
@@ -1595,7 +1757,7 @@ def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
                 budget.reserve_s = budget.clock() - eval_started
 
             step_started = time.time()
-            loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, train_rows, step,
+            loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, stage, step,
                                                         progress, ctx)
             if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
                 last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
@@ -1604,7 +1766,7 @@ def training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
             step += 1
             tok_per_s = bar.update(step, time.time() - step_started, loss, lr)
             if master and step % cfg.log_interval == 0:
-                write_metrics(metrics_path, {"step": step, "train_loss": loss, "lr": lr,
+                write_metrics(metrics_path, {"step": step, "stage": stage.name, "train_loss": loss, "lr": lr,
                                              "tok_per_s": round(tok_per_s or 0),
                                              "elapsed_s": round(budget.elapsed(), 1)})
     finally:  # an error mid-run must not print on the bar's line
@@ -1622,7 +1784,8 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
     budget = Budget(cfg, spent_s=(ckpt or {}).get("elapsed_s", 0.0), clock=clock)
     with StopRequest() as stop:
         last_eval = {key: (ckpt or {}).get(key) for key in ("val_loss", "val_bpb")}
-        end_step, saved = training_loop(run, model, optimizers, scaler, step, last_eval, budget, stop)
+        chat_start = ckpt.get("chat_start_step", 0) if ckpt else None  # older checkpoints had one stage
+        end_step, saved = training_loop(run, model, optimizers, scaler, step, last_eval, chat_start, budget, stop)
     if run.master:
         plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
         if saved:

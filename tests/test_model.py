@@ -265,7 +265,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = newgpt.GPT(tiny_config())
         cfg = newgpt.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, optimizer="adamw", warmup_steps=0)
         optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
-        loss, _ = newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", nullcontext())
+        stage = newgpt.Stage("chat", rows, first_step=0, all_tokens_rows=0)
+        loss, _ = newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", nullcontext())
         results.append((loss, model.state_dict()))
     (loss_big, big), (loss_accum, accum) = results
     assert loss_big == pytest.approx(loss_accum, rel=1e-5)
@@ -361,21 +362,22 @@ def fp16_setup(init_scale):
     cfg = newgpt.TrainConfig(batch_size=2, warmup_steps=0)
     ids = np.random.default_rng(0).integers(0, 300, 8 * 32 + 1).astype(np.uint16)
     rows = newgpt.PackedRows(ids, np.ones(len(ids), dtype=np.uint8), 32, loss_on="all")
+    stage = newgpt.Stage("chat", rows, first_step=0, all_tokens_rows=0)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    return model, newgpt.configure_optimizers(model, cfg, "cpu"), cfg, rows, scaler
+    return model, newgpt.configure_optimizers(model, cfg, "cpu"), cfg, stage, scaler
 
 
 def test_float16_steps_scale_the_loss_and_skip_steps_that_overflow():
     fp16 = torch.autocast("cpu", dtype=torch.float16)
-    model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 10)
+    model, optimizers, cfg, stage, scaler = fp16_setup(init_scale=2.0 ** 10)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
+    newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
     assert scaler.get_scale() == 2.0 ** 10, "finite gradients keep the scale"
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every weight moved"
 
-    model, optimizers, cfg, rows, scaler = fp16_setup(init_scale=2.0 ** 127)  # the scaled loss overflows
+    model, optimizers, cfg, stage, scaler = fp16_setup(init_scale=2.0 ** 127)  # the scaled loss overflows
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, rows, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
+    newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "the step is skipped"
     assert scaler.get_scale() == 2.0 ** 126, "and the scale halves"
 

@@ -54,7 +54,7 @@ def test_training_writes_checkpoints_metrics_plot_and_a_loadable_model(tmp_path,
     model, tokenizer, ckpt = newgpt.load_checkpoint(out)
     assert ckpt["step"] == 6 and model.config.n_embd == 32 and tokenizer.get_vocab_size() == model.config.vocab_size
     assert ckpt["tokenizer"]["file"].startswith("tokenizer-") and (out / ckpt["tokenizer"]["file"]).is_file()
-    assert list((out / "data").glob("tokens-train-*.npz")), "token ids are cached on disk"
+    assert list((out / "data").glob("tokens-train0-*.npz")), "token ids are cached on disk"
     assert not list(out.rglob("*.tmp*")), "no temp files are left behind"
 
     again = run_newgpt(*train_args(oasst_file, tmp_path / "second", "--max_steps", "1"), cwd=tmp_path)
