@@ -29,6 +29,8 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -75,6 +77,8 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
 HF_DATASET = "OpenAssistant/oasst2"
+STREAM_SAMPLE_RECORDS = 2000  # records of each streamed source that the tokenizer also trains on
+STREAM_SHARD_TOKENS = 2 ** 20  # a streamed source is written in shards of this many tokens (bounded memory)
 # The evaluation prompts of bench/chat_quality.py: no training run may see them.
 HOLDOUT_FILES = [Path(__file__).resolve().parent / "bench" / name
                  for name in ("knowledge_questions.jsonl", "chat_prompts.jsonl")]
@@ -108,6 +112,9 @@ class TrainConfig:
     pretrain_data: list = field(default_factory=list, metadata={
         "help": "knowledge-stage sources (documents, Q/A pairs), trained on before the chat stage, with the "
                 "loss on every token; SOURCE:WEIGHT as for --data (none: one chat stage)"})
+    stream_tokens: int = field(default=50_000_000, metadata={
+        "help": "the most tokens to take from each streamed knowledge source: a Hugging Face dataset id (e.g. "
+                "HuggingFaceFW/fineweb-edu) or a local dataset folder, read with datasets' streaming=True"})
     pretrain_fraction: float = field(default=0.5, metadata={
         "help": "the knowledge stage's share of the steps, or of the time budget"})
     holdout: list = field(default_factory=lambda: [str(p) for p in HOLDOUT_FILES], metadata={
@@ -617,6 +624,26 @@ def is_usable(conversation):
     return roles == {"text"} or {"user", "assistant"} <= roles
 
 
+def is_streamed(spec):
+    """Knowledge sources that stream instead of loading: a dataset folder, or a Hugging Face dataset id."""
+    path = Path(spec)
+    return path.is_dir() or (not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None)
+
+
+def stream_records(spec, split="train"):
+    """The records of a Hugging Face dataset id or a local dataset folder, one at a time (datasets'
+    streaming=True): a corpus larger than memory is never held whole."""
+    if not Path(spec).is_dir() and not hub_reachable():
+        raise UserError(f"the Hugging Face hub is unreachable, so {spec} cannot be streamed; pass local files")
+    try:
+        import datasets
+        yield from datasets.load_dataset(spec, split=split, streaming=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"could not stream the dataset {spec} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
 def split_weight(spec):
     """'data/a.jsonl.gz:3' -> ('data/a.jsonl.gz', 3.0); a spec without a weight has weight 1."""
     path, _, weight = spec.rpartition(":")
@@ -733,7 +760,12 @@ def build_texts(cfg):
     langs = parse_langs(cfg.langs)
     holdout = read_holdout(cfg.holdout)
     train = conversations_from_sources(cfg.data, "train", langs, cfg.branches, cfg.max_samples)
-    pretrain = conversations_from_sources(cfg.pretrain_data, "train", None, cfg.branches)
+    local, streamed = ([spec for spec in cfg.pretrain_data if is_streamed(split_weight(spec)[0]) == want]
+                       for want in (False, True))
+    pretrain = conversations_from_sources(local, "train", None, cfg.branches)
+    # The first records of each streamed source, for the tokenizer's sample; the rest streams into shards.
+    stream_sample = [c for spec in streamed for c in records_to_conversations(
+        list(itertools.islice(stream_records(split_weight(spec)[0]), STREAM_SAMPLE_RECORDS)), spec, None, "best")]
     if cfg.val_data:
         val = conversations_from_sources(cfg.val_data, "validation", langs, cfg.branches)
     elif cfg.data == [HF_DATASET]:
@@ -750,10 +782,10 @@ def build_texts(cfg):
                         f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
     if not val:
         raise UserError("no validation conversations: give --val_data or more data")
-    if cfg.pretrain_data and not pretrain:
+    if local and not pretrain:
         raise UserError(f"no usable documents or Q/A pairs in {' '.join(cfg.pretrain_data)}")
     return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val, pretrain]),
-            "held_out": held_out, "train": train, "val": val, "pretrain": pretrain}
+            "held_out": held_out, "train": train, "val": val, "pretrain": pretrain, "stream_sample": stream_sample}
 
 
 def build_options(cfg):
@@ -892,8 +924,11 @@ def tokenize_to_arrays(tokenizer, conversations):
     for conv_ids, conv_mask in render_conversations(tokenizer, conversations):
         ids += conv_ids
         mask += conv_mask
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
-    return np.array(ids, dtype=dtype), np.array(mask, dtype=np.uint8)
+    return np.array(ids, dtype=token_dtype(tokenizer)), np.array(mask, dtype=np.uint8)
+
+
+def token_dtype(tokenizer):
+    return np.uint16 if tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
 
 
 def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, split, cache_dir):
@@ -906,6 +941,54 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: np.savez(tmp, ids=ids, mask=mask))
     return ids, mask
+
+
+def npy_bytes(values, dtype):
+    buffer = io.BytesIO()
+    np.save(buffer, np.array(values, dtype=dtype))
+    return buffer.getvalue()
+
+
+def write_stream_shards(spec, tokenizer, holdout, val, max_tokens, folder):
+    """Stream a dataset into token shards of STREAM_SHARD_TOKENS (ids and target mask, .npy each), keeping
+    out evaluation prompts and validation messages as for local sources, up to max_tokens. The manifest,
+    written last, marks the set complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, ids, mask, total = [], [], [], 0
+
+    def flush():
+        name = f"shard{len(shards):05d}"
+        for suffix, values, dtype in (("ids", ids, token_dtype(tokenizer)), ("mask", mask, np.uint8)):
+            atomic_write(folder / f"{name}-{suffix}.npy", lambda tmp: tmp.write_bytes(npy_bytes(values, dtype)))
+        shards.append(name)
+
+    records = stream_records(spec)
+    while total < max_tokens and (batch := list(itertools.islice(records, 1000))):
+        conversations = [c for c in records_to_conversations(batch, spec, None, "best")
+                         if is_usable(c) and not asks_a_holdout_question(c, holdout)]
+        for conv_ids, conv_mask in render_conversations(tokenizer, decontaminate(conversations, val)):
+            take = min(len(conv_ids), max_tokens - total)
+            ids += conv_ids[:take]
+            mask += conv_mask[:take]
+            total += take
+            if len(ids) >= STREAM_SHARD_TOKENS:
+                flush()
+                ids, mask = [], []
+    if ids:
+        flush()
+    atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps({"shards": shards, "tokens": total})))
+
+
+def cached_stream_shards(spec, tokenizer, tokenizer_sha, holdout, val, max_tokens, cache_dir):
+    """A streamed source's token shards, written once (see write_stream_shards) and memory-mapped when read,
+    so that training touches only the rows it draws."""
+    key = hashlib.sha256(f"{spec}|{max_tokens}|{tokenizer_sha}".encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"stream-{key}"
+    if not (folder / "manifest.json").is_file():
+        write_stream_shards(spec, tokenizer, holdout, val, max_tokens, folder)
+    shards = json.loads((folder / "manifest.json").read_text())["shards"]
+    return [(np.load(folder / f"{name}-ids.npy", mmap_mode="r"), np.load(folder / f"{name}-mask.npy", mmap_mode="r"))
+            for name in shards]
 
 
 class PackedRows:
@@ -1364,7 +1447,7 @@ def prepare_tokenizer(texts, vocab_size, out_dir):
     path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
     if not path.is_file():
         chat = [t["content"] for c in texts["train"] for t in c["turns"]]
-        knowledge = [t["content"] for c in texts["pretrain"] for t in c["turns"]]
+        knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
         # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
         every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
         tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
@@ -1398,6 +1481,11 @@ def load_or_build_data(cfg, vocab_size, resumed):
     for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
         arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
                          for i, (source, group) in enumerate(by_source(texts[split]).items())]
+    holdout = read_holdout(cfg.holdout)
+    for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data):
+        if is_streamed(spec):  # one entry per shard, all named after the source (and weighted as it is)
+            arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
+                spec, tokenizer, sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 

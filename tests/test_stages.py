@@ -118,3 +118,35 @@ def test_holdout_drops_planted_evaluation_questions_and_their_paraphrases(tmp_pa
 def test_a_missing_holdout_file_is_a_one_line_error(tmp_path, oasst_file, capsys):
     status = train_in_process(*train_args(oasst_file, tmp_path / "out", "--holdout", tmp_path / "nope.jsonl"))
     assert status == 2 and "holdout file not found" in capsys.readouterr().err
+
+
+def write_dataset_folder(folder, records, per_file=7):
+    """A local dataset in the layout `datasets` reads from a folder: several JSONL files."""
+    folder.mkdir()
+    for i in range(0, len(records), per_file):
+        write_jsonl(folder / f"part-{i // per_file:03d}.jsonl", records[i:i + per_file])
+    return folder
+
+
+def test_the_streaming_reader_yields_the_records_of_a_full_load(tmp_path):
+    documents, pairs = knowledge_records()
+    folder = write_dataset_folder(tmp_path / "docs", documents * 3)
+    streamed = list(newgpt.stream_records(str(folder)))
+    full = [r for path in sorted(folder.glob("*.jsonl")) for r in newgpt.read_records(path)]
+    assert streamed == full and len(streamed) == 24
+
+
+def test_a_streamed_source_trains_from_bounded_shards_written_once(tmp_path, oasst_file, monkeypatch, capsys):
+    monkeypatch.setattr(newgpt, "STREAM_SHARD_TOKENS", 128)
+    documents, _ = knowledge_records()
+    folder = write_dataset_folder(tmp_path / "docs", documents * 10)
+    out = tmp_path / "streamed"
+    flags = ["--pretrain_data", str(folder), "--stream_tokens", "300", "--max_steps", "4"]
+    assert train_in_process(*train_args(oasst_file, out, *flags)) == 0
+    assert "knowledge stage" in capsys.readouterr().out
+    manifest, = (out / "data").glob("stream-*/manifest.json")
+    written = json.loads(manifest.read_text())
+    assert written["tokens"] == 300 and len(written["shards"]) > 1, "--stream_tokens bounds the shards"
+    stamp = manifest.stat().st_mtime_ns
+    assert train_in_process(*train_args(oasst_file, out, *flags, "--max_steps", "6", "--resume")) == 0
+    assert manifest.stat().st_mtime_ns == stamp and len(list((out / "data").glob("stream-*"))) == 1, "reused"
