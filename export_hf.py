@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from chat_with_model import SamplingConfig
-from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, UserError, load_checkpoint
+from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, UserError, load_checkpoint, split_weight
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
 END_TOKEN, BOS_TOKEN, PAD_TOKEN = "<|end|>", "<|bos|>", "<|pad|>"
@@ -192,15 +192,37 @@ SOURCE_LICENCES = [
     ("oasst", "OpenAssistant Conversations (OASST1/OASST2)", "Apache-2.0"),
     ("dolly", "databricks-dolly-15k (Databricks, Inc.)",
      "CC BY-SA 3.0: attribution required, and derived works share alike"),
+    ("enwiki", "lead sections of English Wikipedia articles (2015), (c) Wikipedia contributors", "CC BY-SA 3.0"),
+    ("wiki_vital", "Wikipedia's Level-4 vital articles, (c) Wikipedia contributors", "CC BY-SA 4.0"),
+    ("wordnet", "WordNet 3.0, (c) 2006 Princeton University", "the WordNet 3.0 licence (its notice is below)"),
+    ("factbook", "the CIA World Factbook", "public domain (a US Government work)"),
 ]
 
+# The WordNet licence asks for its notice on all copies, modifications included.
+WORDNET_NOTICE = """WordNet Release 3.0. This software and database is being provided to you, the LICENSEE, by Princeton
+University under the following license. By obtaining, using and/or copying this software and database, you
+agree that you have read, understood, and will comply with these terms and conditions.: Permission to use,
+copy, modify and distribute this software and database and its documentation for any purpose and without fee
+or royalty is hereby granted, provided that you agree to comply with the following copyright notice and
+statements, including the disclaimer, and that the same appear on ALL copies of the software, database and
+documentation, including modifications that you make for internal use or for distribution. WordNet 3.0
+Copyright 2006 by Princeton University. All rights reserved. THIS SOFTWARE AND DATABASE IS PROVIDED "AS IS"
+AND PRINCETON UNIVERSITY MAKES NO REPRESENTATIONS OR WARRANTIES, EXPRESS OR IMPLIED. BY WAY OF EXAMPLE, BUT
+NOT LIMITATION, PRINCETON UNIVERSITY MAKES NO REPRESENTATIONS OR WARRANTIES OF MERCHANT- ABILITY OR FITNESS
+FOR ANY PARTICULAR PURPOSE OR THAT THE USE OF THE LICENSED SOFTWARE, DATABASE OR DOCUMENTATION WILL NOT
+INFRINGE ANY THIRD PARTY PATENTS, COPYRIGHTS, TRADEMARKS OR OTHER RIGHTS. The name of Princeton University or
+Princeton may not be used in advertising or publicity pertaining to distribution of the software and/or
+database. Title to copyright in this software, database and any associated documentation shall at all times
+remain with Princeton University and LICENSEE agrees to preserve same."""
 
-def describe_source(source):
-    lowered = source.lower()
+
+def describe_source(spec, stage):
+    source, weight = split_weight(spec)
+    label = f"`{Path(source).name}` ({stage}{f', weight {weight:g}' if weight != 1 else ''})"
     for key, name, licence in SOURCE_LICENCES:
-        if key in lowered:
-            return f"`{Path(source).name}`: {name}, {licence}"
-    return f"`{Path(source).name}`: licence not known to export_hf.py; check the source's own terms"
+        if key in source.lower():
+            return f"{label}: {name}, {licence}"
+    return f"{label}: licence not known to export_hf.py; check the source's own terms"
 
 
 def recorded_val_bpb(ckpt, run_dir):
@@ -218,7 +240,10 @@ def model_card(ckpt, hf_model, model, run_dir, out):
     bpb = recorded_val_bpb(ckpt, run_dir)
     sampling = ", ".join(f"{name.replace('_', ' ')} {getattr(SamplingConfig(), name)}"
                          for name in ("temperature", "top_k", "top_p", "repetition_penalty"))
-    sources = "\n".join(f"- {describe_source(s)}" for s in train["data"])
+    all_sources = train.get("pretrain_data", []) + train["data"]
+    sources = "\n".join([f"- {describe_source(s, 'knowledge stage')}" for s in train.get("pretrain_data", [])] +
+                        [f"- {describe_source(s, 'chat stage')}" for s in train["data"]])
+    notice = f"\n\n{WORDNET_NOTICE}" if any("wordnet" in s.lower() for s in all_sources) else ""
     validation = ", ".join(f"`{Path(s).name}`" for s in train.get("val_data") or []) or "about 2% of the trees"
     return f"""# TinyGPT {config.n_layer} x {config.n_embd}
 
@@ -247,7 +272,7 @@ Generation stops at `<|end|>`, the end of a turn. By default it samples with the
 {sources}
 
 The model is derived from these sources, and their terms carry over to it: where a source is CC BY-SA,
-credit it and share what you derive from the model under the same licence.
+credit it and share what you derive from the model under the same licence.{notice}
 """
 
 
