@@ -1412,6 +1412,11 @@ def check_train_config(cfg):
         raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
     if not 0 < cfg.decay_fraction <= 1:
         raise UserError(f"--decay_fraction must be above 0 and at most 1, got {cfg.decay_fraction}")
+    if cfg.pretrain_data and not 0 < cfg.pretrain_fraction < 1:
+        raise UserError(f"--pretrain_fraction must be between 0 and 1 (the knowledge stage's share of the run), "
+                        f"got {cfg.pretrain_fraction}")
+    if cfg.stream_tokens < 1:
+        raise UserError(f"--stream_tokens must be at least 1, got {cfg.stream_tokens}")
 
 
 def check_out_dir(out_dir):
