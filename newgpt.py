@@ -4,6 +4,7 @@ TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
     python newgpt.py                                   # OASST2 from the Hugging Face hub
     python newgpt.py --data a.jsonl.gz b.parquet --val_data v.jsonl.gz --max_minutes 20
     python newgpt.py --depth 8 --max_minutes 5         # a bigger model, its schedule laid over 5 minutes
+    python newgpt.py --data chat.jsonl.gz --pretrain_data facts.jsonl.gz:4 docs.jsonl.gz   # knowledge, then chat
     torchrun --nproc_per_node=2 newgpt.py --data ...   # data-parallel (gloo on CPU, nccl on CUDA)
 
 The file reads top to bottom as the pipeline runs:
@@ -18,7 +19,8 @@ a cross-entropy whose gradient is written out; the loss on every token for the f
 then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
-checkpoints that resume (a step-based run bit-exactly), on CPU, CUDA or MPS.
+checkpoints that resume (a step-based run bit-exactly), on CPU, CUDA or MPS. Optional: a knowledge stage
+before the chat stage, on weighted document and Q/A sources, streamed when they are Hugging Face datasets.
 chat_with_model.py imports the model and the chat format from here, so training and chatting can never
 disagree.
 """
