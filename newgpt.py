@@ -1488,11 +1488,11 @@ def load_or_build_data(cfg, vocab_size, resumed):
     for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
         arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
                          for i, (source, group) in enumerate(by_source(texts[split]).items())]
-    holdout = read_holdout(cfg.holdout)
-    for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data):
-        if is_streamed(spec):  # one entry per shard, all named after the source (and weighted as it is)
-            arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
-                spec, tokenizer, sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
+    streamed = [spec for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data) if is_streamed(spec)]
+    holdout = read_holdout(cfg.holdout) if streamed else []
+    for spec in streamed:  # one entry per shard, all named after the source (and weighted as it is)
+        arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
+            spec, tokenizer, sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 

@@ -38,9 +38,8 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def answer_all(ckpt_path, prompts, sampling):
+def answer_all(model, tokenizer, prompts, sampling):
     """One fresh conversation per prompt, each with its own seed: (reply text, ended at <|end|>) pairs."""
-    model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
     replies = []
     for i, prompt in enumerate(prompts):
         conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
@@ -89,9 +88,10 @@ def load_embedder():
 
 def evaluate(ckpt_path, questions, prompts, sampling, embedder):
     started = time.time()
-    asked = answer_all(ckpt_path, [q["question"] for q in questions], sampling)
+    model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
+    asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling)
     right = [names_an_answer(reply, q["answers"]) for (reply, _), q in zip(asked, questions)]
-    replies = answer_all(ckpt_path, [p["prompt"] for p in prompts], sampling)
+    replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling)
     texts = [reply for reply, _ in replies]
     scores = relevance_scores(embedder, [p["prompt"] for p in prompts], texts)
     ended = [e for _, e in asked + replies]
