@@ -2,7 +2,7 @@
 Chat with a TinyGPT checkpoint in the terminal: the answer streams token by token, and the model sees the
 whole conversation (rendered with the same function that rendered its training data).
 
-    python chat_with_model.py                          # newest checkpoint in ckpt/
+    python chat_with_model.py                          # newest checkpoint in ckpt/, else the release model
     python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
     python chat_with_model.py --prompt "What is a llama?"
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from newgpt import (KVCache, UserError, autocast_context, load_checkpoint, make_conversation, pick_device,
-                    pick_dtype, render_conversations, token_bytes)
+from newgpt import (KVCache, UserError, autocast_context, default_checkpoint, load_checkpoint, make_conversation,
+                    pick_device, pick_dtype, render_conversations, token_bytes)
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -338,7 +338,8 @@ def repl(chat, interactive, show_speed):
 def build_parser():
     parser = argparse.ArgumentParser(description="Chat with a TinyGPT checkpoint.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", default="ckpt", help="checkpoint file, or a directory to take the newest from")
+    parser.add_argument("--ckpt", help="checkpoint file, or a directory to take the newest from (default: the "
+                                       "newest in ckpt/, else the release model shipped in ckpt/release/)")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -359,7 +360,8 @@ def main(argv=None):
         if problems:
             raise UserError("; ".join(problems))
         device = pick_device(args.device)
-        model, tokenizer, ckpt = load_checkpoint(args.ckpt, device)
+        path = args.ckpt or default_checkpoint()
+        model, tokenizer, ckpt = load_checkpoint(path, device)
         dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
         chat = Chat(model.eval(), tokenizer, sampling, device, dtype)
         chat.system = args.system
@@ -370,7 +372,7 @@ def main(argv=None):
         if interactive:
             enable_line_editing()
             val = ckpt.get("val_loss")
-            print(f"TinyGPT {model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
+            print(f"TinyGPT {model.num_params() / 1e6:.1f}M params ({path}), step {ckpt['step']}"
                   f"{f', val loss {val:.3f}' if val is not None else ''}, on {device}. /help for commands.")
         repl(chat, interactive, args.show_speed)
         return 0

@@ -2,7 +2,7 @@
 Export a TinyGPT checkpoint to Hugging Face transformers: a folder that AutoModelForCausalLM and
 AutoTokenizer load without trust_remote_code, with a chat template that gives the ids our chat gives.
 
-    python export_hf.py                                       # newest checkpoint in ckpt/ -> hf_model/
+    python export_hf.py                                       # newest in ckpt/ (else the release) -> hf_model/
     python export_hf.py --ckpt ckpt/gpt_step6800.pt --out hf_model/ --force --dtype bfloat16
 
 Our default architecture is GPT-NeoX, in its sequential-residual form: pre-norm LayerNorm blocks, RoPE in
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from chat_with_model import SamplingConfig
-from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, UserError, load_checkpoint, split_weight
+from newgpt import (ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, UserError, default_checkpoint, load_checkpoint,
+                    split_weight)
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
 END_TOKEN, BOS_TOKEN, PAD_TOKEN = "<|end|>", "<|bos|>", "<|pad|>"
@@ -316,7 +317,8 @@ def export(ckpt_path, out, force=False, dtype="float32"):
 def build_parser():
     parser = argparse.ArgumentParser(description="Export a TinyGPT checkpoint to a Hugging Face transformers folder.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", default="ckpt", help="checkpoint file, or a directory to take the newest from")
+    parser.add_argument("--ckpt", help="checkpoint file, or a directory to take the newest from (default: the "
+                                       "newest in ckpt/, else the release model in ckpt/release/)")
     parser.add_argument("--out", default="hf_model", help="folder to write (config, weights, tokenizer, README)")
     parser.add_argument("--force", action="store_true", help="replace --out if it is not empty")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -327,7 +329,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        out, hf_model = export(args.ckpt, args.out, args.force, args.dtype)
+        out, hf_model = export(args.ckpt or default_checkpoint(), args.out, args.force, args.dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

