@@ -115,6 +115,7 @@ def is_english_word(word, word_list):
                                                      ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"),
                                                      ("ly", ""), ("er", ""), ("est", ""))
              if word.endswith(end) and len(word) > len(end) + 2]
+    stems += [stem[:-1] for stem in stems if stem[-1] == stem[-2]]  # running -> runn -> run
     return any(stem in word_list for stem in stems)
 
 
