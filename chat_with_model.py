@@ -6,6 +6,7 @@ whole conversation (rendered with the same function that rendered its training d
     python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
     python chat_with_model.py --prompt "What is a llama?"
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
+    python chat_with_model.py --serve                  # a web page and an OpenAI-compatible API (serve.py)
 
 Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling applies a
 CTRL-style repetition penalty, then temperature (0 means greedy), top-k and top-p (nucleus) filtering,
@@ -20,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -349,7 +351,19 @@ def build_parser():
     parser.add_argument("--show_speed", action="store_true", help="print tokens per second after each answer")
     for f in dataclasses.fields(SamplingConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    server = parser.add_argument_group("server (serve.py)")
+    server.add_argument("--serve", action="store_true", help="serve a chat page and an OpenAI-compatible API")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    server.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     return parser
+
+
+def model_name(path, ckpt):
+    """A model id for the API: the run's folder and the step, e.g. 'release-step24131'."""
+    folder = Path(path).resolve()
+    folder = folder.parent if folder.is_file() else folder
+    return f"{folder.name}-step{ckpt['step']}"
 
 
 def main(argv=None):
@@ -365,6 +379,9 @@ def main(argv=None):
         dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
         chat = Chat(model.eval(), tokenizer, sampling, device, dtype)
         chat.system = args.system
+        if args.serve:
+            import serve  # only the server needs FastAPI and uvicorn
+            return serve.serve(chat, model_name(path, ckpt), sampling, args.host, args.port, args.api_key)
         interactive = args.prompt is None and sys.stdin.isatty()
         if args.prompt is not None:
             stream_answer(chat, args.prompt, sys.stdout, args.show_speed)

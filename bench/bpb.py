@@ -1,0 +1,48 @@
+"""Train and validation bits per byte of a checkpoint, measured the same way: is the model overfitting?
+
+    python bench/bpb.py runs/release --tokens 1000000     # run from where the run was trained (its --texts)
+
+Rebuilds the run's data from its stored TrainConfig (the texts file and token caches in its out_dir are
+reused, not rebuilt), then evaluates the first --tokens of its first --data source (OASST1 train for the
+README's command) and of the validation rows (OASST1 validation), both with the loss on the assistant's
+tokens only, as newgpt.py's validation does.
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import newgpt  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("ckpt", help="checkpoint file or run directory")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="tokens of each split to evaluate")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model, tokenizer, ckpt = newgpt.load_checkpoint(args.ckpt)
+    fields = {f.name for f in dataclasses.fields(newgpt.TrainConfig)}
+    cfg = newgpt.TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
+    cfg.eval_tokens = args.tokens
+    resumed = ckpt["tokenizer"] | {"dir": str(newgpt.checkpoint_file(args.ckpt).parent)}
+    data = newgpt.prepare_data(cfg, model.config.vocab_size, 0, 1, print, resumed)
+    _, _, val_rows = newgpt.packed_splits(data, model.config, cfg)
+    (source, train_ids, train_mask), *_ = data.arrays["train"]
+    pad = tokenizer.token_to_id("<|pad|>")
+    train_rows = newgpt.PackedRows(train_ids, train_mask, model.config.block_size, "assistant", pad)
+    byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
+    device = "cpu"
+    ctx = newgpt.autocast_context(device, newgpt.pick_dtype("auto", device))
+    for name, rows in ((f"train ({Path(source).name})", train_rows), ("val", val_rows)):
+        loss, bpb = newgpt.evaluate(model, rows, byte_lengths, cfg, ctx, device)
+        tokens = min(rows.n_rows * rows.block_size, args.tokens)
+        print(f"{name}: {bpb:.4f} bits/byte, {loss:.4f} nats/token, the replies in its first {tokens:,} tokens")
+
+
+if __name__ == "__main__":
+    main()

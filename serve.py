@@ -1,0 +1,438 @@
+"""
+Serve a TinyGPT checkpoint: a chat page for the browser and an OpenAI-compatible API for every client that
+already speaks it.
+
+    python chat_with_model.py --serve                 # http://127.0.0.1:8000, the chat's checkpoint and flags
+    python serve.py --ckpt ckpt/release --port 8080 --api_key secret
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+    client.chat.completions.create(model="tinygpt", messages=[{"role": "user", "content": "Hi!"}])
+
+Endpoints: GET / (serve.html, self-contained: no CDN), POST /v1/chat/completions (OpenAI's Chat Completions
+schema, streamed as server-sent events with "stream": true), GET /v1/models and GET /health.
+
+The model is loaded once. Generation reuses the terminal chat's Chat (history truncation, sampling, UTF-8
+safe streaming) on one worker thread that takes requests in order of arrival: a small CPU has no spare
+cores for a second generation, so running two at once would only make both slower. A client that
+disconnects stops its generation at the next token. Bodies, message counts, max_tokens and the queue are
+bounded; every error is an OpenAI-style error object, never a 500 with a traceback.
+"""
+
+import asyncio
+import dataclasses
+import json
+import queue
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from chat_with_model import Chat, SamplingConfig, check_sampling
+from newgpt import UserError
+
+PAGE = Path(__file__).resolve().parent / "serve.html"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000  # a long history is a few tens of kB; the window holds 512 tokens anyway
+    max_messages: int = 256
+    max_tokens: int = 2048
+    max_stops: int = 4  # as OpenAI's API
+    max_waiting: int = 64  # requests queued behind the one generating; more get a 503
+
+
+# -----------------------------------------------------------------------------
+# The request schema (OpenAI's Chat Completions; unknown fields are ignored, as OpenAI's own server does)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    messages: list[Message]
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension: our sampler's top-k
+    repetition_penalty: float | None = None  # an extension: our sampler's CTRL-style penalty
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, kind="invalid_request_error", code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def payload(self):
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self):
+        return JSONResponse(self.payload(), status_code=self.status)
+
+
+def first_problem(error):
+    """A pydantic ValidationError's first problem, as (message, field)."""
+    problem = error.errors()[0]
+    field = ".".join(str(part) for part in problem["loc"]) or None
+    return f"{field}: {problem['msg']}" if field else problem["msg"], field
+
+
+def sampling_for(request, defaults, limits):
+    """The server's sampling flags, overridden by the request's fields; ApiError names a bad one."""
+    if request.n != 1:
+        raise ApiError(400, "n must be 1: this server generates one choice per request", "n")
+    max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", "max_tokens")
+    given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+             "repetition_penalty": request.repetition_penalty, "seed": request.seed}
+    sampling = dataclasses.replace(defaults, max_new_tokens=max_tokens,
+                                   **{name: value for name, value in given.items() if value is not None})
+    if request.seed is None:
+        sampling.seed = secrets.randbits(63)  # OpenAI's behaviour: no seed, a new answer every time
+    problems = check_sampling(sampling)
+    if problems:
+        raise ApiError(400, "; ".join(problems), problems[0].split()[0])
+    return sampling
+
+
+def stops_of(request, limits):
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > limits.max_stops or any(not s for s in stops):
+        raise ApiError(400, f"stop must be at most {limits.max_stops} non-empty strings", "stop")
+    return stops
+
+
+def conversation_of(messages, limits):
+    """(system prompt, earlier turns, the user's newest message) from OpenAI-style messages."""
+    if not messages:
+        raise ApiError(400, "messages must hold at least one message", "messages")
+    if len(messages) > limits.max_messages:
+        raise ApiError(400, f"at most {limits.max_messages} messages per request", "messages")
+    system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
+    turns = [(m.role, m.text()) for m in messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the last message must be the user's", "messages")
+    return system, turns[:-1], turns[-1][1]
+
+
+# -----------------------------------------------------------------------------
+# Stop sequences: text is held back while it could still be the start of one
+
+
+class StopScanner:
+    def __init__(self, stops):
+        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def push(self, piece):
+        """The part of the text so far that can be sent: all of it up to a stop sequence, or all but
+        the last characters that might begin one."""
+        self.text += piece
+        found = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            end = min(found)
+        else:
+            end = max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def flush(self):
+        out, self.sent = ("" if self.stopped else self.text[self.sent:]), len(self.text)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# The worker: one thread, one Chat, one generation at a time
+
+
+@dataclass
+class Job:
+    system: str
+    history: list
+    user_text: str
+    sampling: SamplingConfig
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: threading.Event
+
+
+@dataclass
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop sequence) or "length"
+
+
+class Worker:
+    def __init__(self, chat, limits):
+        self.chat, self.limits, self.jobs = chat, limits, queue.Queue()
+        self.busy, self.cancelled = False, 0  # cancelled: generations whose client left, or hit a stop sequence
+        threading.Thread(target=self.run, daemon=True, name="generation").start()
+
+    def submit(self, job):
+        if self.jobs.qsize() >= self.limits.max_waiting:
+            raise ApiError(503, "the server is busy; try again shortly", kind="server_error", code="busy")
+        self.jobs.put(job)
+
+    def run(self):
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():
+                self.cancelled += 1  # its client left while it waited
+                continue
+            self.busy = True
+            try:
+                result = self.generate(job)
+            except UserError as e:  # e.g. a system prompt that leaves no room in the window
+                result = ApiError(400, str(e), "messages")
+            except Exception as e:  # noqa: BLE001  anything else still answers, and the worker lives on
+                result = ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+            finally:
+                self.busy = False
+            job.loop.call_soon_threadsafe(job.out.put_nowait, result)
+
+    def generate(self, job):
+        """Send each text piece to the job's queue; return Finished with the token counts."""
+        chat = self.chat
+        chat.sampling, chat.system, chat.history = job.sampling, job.system, list(job.history)
+        chat.generator.manual_seed(job.sampling.seed)
+        prompt_ids, _ = chat.add_user_turn(job.user_text)
+        for piece in chat.stream_reply(prompt_ids):
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                break
+            job.loop.call_soon_threadsafe(job.out.put_nowait, piece)
+        ended = chat.last_answer_tokens < job.sampling.max_new_tokens
+        return Finished(len(prompt_ids), chat.last_answer_tokens + ended, "stop" if ended else "length")
+
+
+# -----------------------------------------------------------------------------
+# The app
+
+
+def completion_id():
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+def chunk(cid, created, model_id, delta, finish_reason=None, usage=None):
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage is not None:
+        body |= {"choices": [], "usage": usage}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def cancel_on_disconnect(request, job, every_s=0.5):
+    """A non-streaming client that leaves frees the worker too."""
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+        await asyncio.sleep(every_s)
+
+
+def usage_of(finished):
+    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+async def read_json(request, limits):
+    """The body as JSON, refusing one over the size limit before reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise ApiError(413, f"request body over {limits.max_body_bytes:,} bytes", code="body_too_large")
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limits.max_body_bytes:
+            raise ApiError(413, f"request body over {limits.max_body_bytes:,} bytes", code="body_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})")
+
+
+def create_app(chat, model_id, defaults, api_key="", limits=None):
+    """The FastAPI app around one Chat (its model, tokenizer and device)."""
+    limits = limits or Limits()
+    worker = Worker(chat, limits)
+    app = FastAPI(title="TinyGPT", docs_url=None, redoc_url=None, openapi_url=None)
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error):
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error):  # 404, 405: the same error object as everything else
+        return ApiError(error.status_code, str(error.detail), kind="invalid_request_error").response()
+
+    def authorize(request):
+        if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           kind="authentication_error", code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "generating": worker.busy, "waiting": worker.jobs.qsize(),
+                "cancelled": worker.cancelled}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "tinygpt"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        data = await read_json(request, limits)
+        try:
+            body = ChatRequest.model_validate(data)
+        except ValidationError as e:
+            raise ApiError(400, *first_problem(e))
+        sampling = sampling_for(body, defaults, limits)
+        stops = stops_of(body, limits)
+        system, history, user_text = conversation_of(body.messages, limits)
+        job = Job(system, history, user_text, sampling, asyncio.get_running_loop(), asyncio.Queue(),
+                  threading.Event())
+        worker.submit(job)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_events(job, stops, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(request, job, stops)
+
+    async def pieces(job, stops):
+        """Text pieces as they are generated, cut at a stop sequence; ends with the Finished record.
+        Leaving early (a stop sequence, a disconnect) cancels the job."""
+        scanner = StopScanner(stops)
+        try:
+            while True:
+                item = await job.out.get()
+                if isinstance(item, ApiError):
+                    raise item
+                if isinstance(item, Finished):
+                    yield scanner.flush()
+                    yield item
+                    return
+                yield scanner.push(item)
+                if scanner.stopped:
+                    job.cancelled.set()
+                    while not isinstance(item := await job.out.get(), (Finished, ApiError)):
+                        pass  # the worker notices the cancel at its next token
+                    yield dataclasses.replace(item, finish_reason="stop") if isinstance(item, Finished) else item
+                    return
+        finally:
+            job.cancelled.set()
+
+    async def stream_events(job, stops, include_usage):
+        cid, created = completion_id(), int(time.time())
+        yield chunk(cid, created, model_id, {"role": "assistant", "content": ""})
+        try:
+            async for item in pieces(job, stops):
+                if isinstance(item, Finished):
+                    yield chunk(cid, created, model_id, {}, item.finish_reason)
+                    if include_usage:
+                        yield chunk(cid, created, model_id, {}, usage=usage_of(item))
+                elif item:
+                    yield chunk(cid, created, model_id, {"content": item})
+        except ApiError as e:  # the status line is already sent: the error goes in the stream, as OpenAI's does
+            yield f"data: {json.dumps(e.payload())}\n\n"
+        finally:
+            job.cancelled.set()  # however the stream ends, a client that left frees the worker
+        yield "data: [DONE]\n\n"
+
+    async def complete(request, job, stops):
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        text, finished = [], None
+        try:
+            async for item in pieces(job, stops):
+                if isinstance(item, Finished):
+                    finished = item
+                else:
+                    text.append(item)
+        finally:
+            watcher.cancel()
+        message = {"role": "assistant", "content": "".join(text)}
+        return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason,
+                             "logprobs": None}],
+                "usage": usage_of(finished)}
+
+    return app
+
+
+# -----------------------------------------------------------------------------
+# Command line: `python chat_with_model.py --serve`, or this file with the same flags
+
+
+def listen(host, port):
+    """A bound socket, so that a taken port is a one-line error before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    return sock
+
+
+def serve(chat, model_id, defaults, host, port, api_key=""):
+    """Run the server until Ctrl-C."""
+    sock = listen(host, port)
+    bound_port = sock.getsockname()[1]
+    where = "loopback only: other machines cannot connect; --host 0.0.0.0 opens it to the network" \
+        if host in LOOPBACK else f"open to the network on {host}" + ("" if api_key else ", with no --api_key")
+    print(f"serving {model_id} on http://{host}:{bound_port} ({where}); Ctrl-C stops", flush=True)
+    app = create_app(chat, model_id, defaults, api_key)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    import chat_with_model
+    sys.exit(chat_with_model.main(["--serve", *sys.argv[1:]]))

@@ -1,0 +1,313 @@
+"""serve.py: the OpenAI-compatible API against a live server (the official openai client, raw HTTP for
+malformed requests), concurrency, disconnects, and the chat page in a real headless Chromium."""
+
+import contextlib
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+import chat_with_model as chat
+import newgpt
+import serve
+from conftest import REPO
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+MAX_TOKENS = 12
+
+
+@contextlib.contextmanager
+def running_server(ckpt, *flags):
+    """serve.py in its own process on a free port; yields its base URL and stops it afterwards."""
+    process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
+                                "--max_new_tokens", str(MAX_TOKENS), *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving "), f"no start-up line: {line!r} {process.stderr.read()[-2000:]}"
+        url = line.split(" on ")[1].split()[0]
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    with running_server(trained_run) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_chat(trained_run):
+    """The same checkpoint in this process: what the server must answer, token for token."""
+    model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
+    return chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(max_new_tokens=MAX_TOKENS), "cpu", "float32")
+
+
+def local_answer(local_chat, turns, seed, **sampling):
+    local_chat.sampling = chat.SamplingConfig(max_new_tokens=MAX_TOKENS, seed=seed, **sampling)
+    local_chat.generator.manual_seed(seed)
+    local_chat.history = [(m["role"], m["content"]) for m in turns[:-1]]
+    local_chat.system = ""
+    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
+    text = "".join(local_chat.stream_reply(prompt_ids))
+    ended = local_chat.last_answer_tokens < MAX_TOKENS
+    return text, len(prompt_ids), local_chat.last_answer_tokens + ended
+
+
+def raw_request(server, method, path, body=b"", headers=None):
+    """(status, parsed JSON or text) from a plain HTTP request, so that the body can be anything."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    try:
+        return response.status, json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, text
+
+
+def health(server):
+    return raw_request(server, "GET", "/health")[1]
+
+
+# ---- the official client
+
+
+def test_completion_matches_the_terminal_chat_with_real_usage(client, local_chat):
+    turns = [{"role": "user", "content": "one plus two"}]
+    result = client.chat.completions.create(model="tinygpt", messages=turns, seed=5, temperature=0.8)
+    expected, prompt_tokens, completion_tokens = local_answer(local_chat, turns, 5, temperature=0.8)
+    assert result.object == "chat.completion" and result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content == expected, "the server samples exactly as the terminal chat"
+    assert result.choices[0].finish_reason == ("length" if completion_tokens == MAX_TOKENS else "stop")
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_streaming_sends_the_same_text_in_chunks(client):
+    turns = [{"role": "user", "content": "two plus two"}]
+    hot = {"seed": 3, "temperature": 2.0, "top_p": 1.0, "extra_body": {"top_k": 0}}  # else the tiny model says " 6"
+    whole = client.chat.completions.create(model="tinygpt", messages=turns, **hot).choices[0].message.content
+    stream = client.chat.completions.create(model="tinygpt", messages=turns, stream=True,
+                                            stream_options={"include_usage": True}, **hot)
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1, "streamed, in several pieces"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_multi_turn_messages_and_a_system_prompt_reach_the_model(client, local_chat):
+    turns = [{"role": "user", "content": "one plus one"}, {"role": "assistant", "content": "two"},
+             {"role": "user", "content": "and plus three?"}]
+    multi = client.chat.completions.create(model="tinygpt", messages=turns, seed=11)
+    expected, prompt_tokens, _ = local_answer(local_chat, turns, 11)
+    assert multi.choices[0].message.content == expected and multi.usage.prompt_tokens == prompt_tokens
+    with_system = client.chat.completions.create(
+        model="tinygpt", messages=[{"role": "system", "content": "Be brief."}, *turns], seed=11)
+    assert with_system.usage.prompt_tokens > prompt_tokens
+
+
+def test_models_list_names_the_loaded_checkpoint(client, trained_run):
+    models = client.models.list().data
+    step = newgpt.load_checkpoint(trained_run)[2]["step"]
+    assert [m.id for m in models] == [f"{trained_run.name}-step{step}"]
+
+
+def test_a_bad_request_raises_the_clients_error(client):
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="tinygpt", messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+def test_stop_sequences_cut_the_answer(client):
+    turns = [{"role": "user", "content": "one plus two"}]
+    full = client.chat.completions.create(model="tinygpt", messages=turns, seed=5, temperature=0.8)
+    text = full.choices[0].message.content
+    if len(text) < 4:
+        pytest.skip("the tiny model's answer is too short to cut")
+    stop = text[2:4]
+    cut = client.chat.completions.create(model="tinygpt", messages=turns, seed=5, temperature=0.8, stop=[stop])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tinygpt", messages=turns, seed=5, temperature=0.8, stop=stop, stream=True) if c.choices)
+    assert cut.choices[0].message.content == text[:text.index(stop)] == streamed
+    assert cut.choices[0].finish_reason == "stop"
+
+
+# ---- malformed requests
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"model": "x"}', 400, "messages"),
+    (b'{"messages": "hello"}', 400, "messages"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature must be >= 0"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "last message must be the user"),
+    (b'{"messages": []}', 400, "at least one message"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 2_000_000}]}).encode(), 413, "over"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}] * 300}).encode(), 400, "at most"),
+])
+def test_malformed_requests_get_an_error_object_and_the_server_stays_up(server, body, status, words):
+    got, answer = raw_request(server, "POST", "/v1/chat/completions", body)
+    assert got == status, answer
+    assert set(answer["error"]) >= {"message", "type", "param", "code"} and words in answer["error"]["message"]
+    assert health(server)["status"] == "ok"
+
+
+def test_unknown_paths_and_methods_get_error_objects(server):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        got, answer = raw_request(server, method, path)
+        assert got == status and "message" in answer["error"]
+
+
+def test_api_key_is_required_on_the_api_when_set(trained_run):
+    with running_server(trained_run, "--api_key", "s3cret") as url:
+        denied = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            denied.models.list()
+        allowed = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert len(allowed.models.list().data) == 1
+        assert raw_request(url, "GET", "/health")[0] == 200 and raw_request(url, "GET", "/")[0] == 200
+
+
+# ---- concurrency and disconnects
+
+
+@pytest.mark.slow
+def test_fifty_simultaneous_requests_are_all_answered_correctly(server, local_chat):
+    turns = [{"role": "user", "content": "three plus four"}]
+    answers, errors = {}, []
+
+    def ask(seed):
+        try:
+            status, body = raw_request(server, "POST", "/v1/chat/completions",
+                                       json.dumps({"messages": turns, "seed": seed, "temperature": 1.0}).encode())
+            answers[seed] = body["choices"][0]["message"]["content"] if status == 200 else body
+        except Exception as e:  # noqa: BLE001  collected, so that one failure does not hide the rest
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=ask, args=(seed,)) for seed in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors and len(answers) == 50, errors[:3]
+    for seed in range(50):
+        assert answers[seed] == local_answer(local_chat, turns, seed, temperature=1.0)[0], f"seed {seed}"
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
+    before = health(server)["cancelled"]
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"messages": [{"role": "user", "content": "one"}], "stream": True, "max_tokens": 2048,
+            "repetition_penalty": 1.0}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.sock.shutdown(2)  # the client goes away after the first event
+    connection.close()
+    deadline = time.time() + 120
+    while health(server)["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    state = health(server)
+    assert state["cancelled"] == before + 1, "the server noticed the disconnect and stopped generating"
+    assert not state["generating"] or state["waiting"] == 0
+
+
+# ---- the parts without a server
+
+
+def test_stop_scanner_holds_back_a_possible_start_of_a_stop_sequence():
+    scanner = serve.StopScanner(["END"])
+    assert scanner.push("hello E") == "hello"
+    assert scanner.push("N") == " ", "two characters are held back: 'EN' may begin 'END'"
+    assert scanner.push("Dgone") == "" and scanner.stopped and scanner.flush() == ""
+    free = serve.StopScanner([])
+    assert free.push("abc") == "abc" and free.flush() == ""
+    late = serve.StopScanner(["xyz"])
+    assert late.push("ab") == "" and late.push("c") == "a" and late.flush() == "bc"
+
+
+def test_sampling_comes_from_the_flags_overridden_by_the_request():
+    defaults = chat.SamplingConfig(temperature=0.3, top_k=40, max_new_tokens=100)
+    request = serve.ChatRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.9, top_k=5,
+                                max_completion_tokens=7, seed=1)
+    sampling = serve.sampling_for(request, defaults, serve.Limits())
+    assert (sampling.temperature, sampling.top_k, sampling.max_new_tokens, sampling.seed, sampling.top_p) == \
+        (0.9, 5, 7, 1, defaults.top_p)
+    unseeded = serve.ChatRequest(messages=[{"role": "user", "content": "hi"}])
+    seeds = {serve.sampling_for(unseeded, defaults, serve.Limits()).seed for _ in range(3)}
+    assert len(seeds) == 3, "without a seed every request samples anew"
+
+
+def test_serve_flag_reports_a_taken_port_in_one_line(trained_run):
+    with running_server(trained_run) as url:
+        port = url.rsplit(":", 1)[1]
+        result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--ckpt", str(trained_run),
+                                 "--serve", "--port", port], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot listen on" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- the page in a real browser
+
+
+@pytest.mark.slow
+def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops(trained_run):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium (as .ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_server(trained_run) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone-width screen
+        page.goto(url)
+        expect(page.locator("#model")).to_contain_text("step")
+        for turn, text in enumerate(["one plus two", "and two more?"], start=1):
+            page.fill("#prompt", text)
+            page.keyboard.press("Enter")
+            expect(page.locator(".msg.user")).to_have_count(turn)
+            expect(page.locator(".msg.assistant")).to_have_count(turn)
+            expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
+            assert page.locator(".msg.assistant").nth(turn - 1).inner_text().strip(), "an answer appeared"
+        page.locator("details.settings summary").click()
+        page.fill("#max_tokens", "2048")
+        page.fill("#repetition_penalty", "1")
+        page.fill("#prompt", "tell me a long story")
+        page.click("#send")
+        expect(page.locator("#stop")).to_be_visible()
+        page.wait_for_function("document.querySelector('.msg.assistant.streaming')?.textContent.length > 0")
+        page.screenshot(path=str(ARTIFACTS / "chat_page.png"), full_page=True)
+        page.click("#stop")
+        expect(page.locator(".msg.assistant .note")).to_have_text(" [stopped]")
+        expect(page.locator("#send")).to_be_enabled()
+        expect(page.locator(".error")).to_have_count(0)
+        browser.close()
