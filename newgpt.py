@@ -1374,7 +1374,12 @@ def load_checkpoint(path, device="cpu"):
 def release_state(ckpt):
     """What a shipped model needs: bf16 weights (half of fp32; the chat runs them in fp32 or bf16 anyway)
     and what chat and export_hf.py read. No optimizer, scaler or RNG state: a release cannot be resumed."""
-    weights = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in ckpt["model"].items()}
+    weights, converted = {}, {}
+    for name, t in ckpt["model"].items():
+        key = (t.data_ptr(), t.shape)  # the tied embedding and output layer: converted once, saved once
+        if key not in converted:
+            converted[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        weights[name] = converted[key]
     kept = ("model_config", "train_config", "step", "elapsed_s", "val_loss", "val_bpb", "tokenizer",
             "texts_sha256", "chat_start_step")
     return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}

@@ -117,7 +117,8 @@ def sampling_for(request, defaults, limits):
     """The server's sampling flags, overridden by the request's fields; ApiError names a bad one."""
     if request.n != 1:
         raise ApiError(400, "n must be 1: this server generates one choice per request", "n")
-    max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens
+    max_tokens = next((n for n in (request.max_completion_tokens, request.max_tokens) if n is not None),
+                      defaults.max_new_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", "max_tokens")
     given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,

@@ -4,8 +4,8 @@
 
 Rebuilds the run's data from its stored TrainConfig (the texts file and token caches in its out_dir are
 reused, not rebuilt), then evaluates the first --tokens of its first --data source (OASST1 train for the
-README's command) and of the validation rows (OASST1 validation), both with the loss on the assistant's
-tokens only, as newgpt.py's validation does.
+README's command) and of the validation rows (OASST1 validation), each scored as newgpt.py trains on it:
+the assistant's tokens of a conversation, every token of a plain document (OASST1 train is plain text).
 """
 
 import argparse
@@ -41,7 +41,7 @@ def main():
     for name, rows in ((f"train ({Path(source).name})", train_rows), ("val", val_rows)):
         loss, bpb = newgpt.evaluate(model, rows, byte_lengths, cfg, ctx, device)
         tokens = min(rows.n_rows * rows.block_size, args.tokens)
-        print(f"{name}: {bpb:.4f} bits/byte, {loss:.4f} nats/token, the replies in its first {tokens:,} tokens")
+        print(f"{name}: {bpb:.4f} bits/byte, {loss:.4f} nats/token, over its first {tokens:,} tokens")
 
 
 if __name__ == "__main__":

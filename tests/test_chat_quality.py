@@ -24,9 +24,12 @@ def test_distinct_counts_distinct_ngrams_over_all_replies():
     assert chat_quality.distinct([""], 2) == 0.0
 
 
-def test_a_loop_is_a_four_word_phrase_said_three_times():
+def test_a_loop_is_a_five_word_phrase_said_three_times_within_fifty_words():
     assert chat_quality.in_a_loop("see a walk to the hide. " * 3)
     assert not chat_quality.in_a_loop("see a walk to the hide. " * 2 + "and then home")
+    filler = [f"other{i}" for i in range(25)]
+    spread = " ".join(["see a walk to the hide", *filler, "see a walk to the hide", *filler, "see a walk to the hide"])
+    assert not chat_quality.in_a_loop(spread), "a phrase that recurs across a long answer is not a loop"
     listing = "the capital of France, the capital of Spain, the capital of Italy"
     assert not chat_quality.in_a_loop(listing), "a repeated three-word phrase in a list is not a loop"
 

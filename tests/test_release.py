@@ -11,6 +11,21 @@ from conftest import copy_run, run_newgpt, train_in_process
 RELEASE_MAX_BYTES = 30 * 10**6
 
 
+def test_the_committed_release_model_answers_and_ends_its_turn():
+    path = newgpt.latest_checkpoint(newgpt.RELEASE_DIR)
+    assert path is not None, f"no release model committed in {newgpt.RELEASE_DIR}"
+    assert path.stat().st_size <= RELEASE_MAX_BYTES, f"{path} is {path.stat().st_size:,} bytes, over 30 MB"
+    model, tokenizer, ckpt = newgpt.load_checkpoint(path)
+    assert "optimizers" not in ckpt and all(t.dtype == torch.bfloat16 for t in ckpt["model"].values()
+                                            if t.is_floating_point()), "a release holds bf16 weights only"
+    sampling = chat.SamplingConfig()
+    conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
+    prompt_ids, _ = conversation.add_user_turn("What is the capital of France?")
+    reply = "".join(conversation.stream_reply(prompt_ids))
+    assert conversation.last_answer_tokens < sampling.max_new_tokens, f"no <|end|> within the limit: {reply!r}"
+    assert len(reply.split()) >= 3, f"a reply of a few words at least: {reply!r}"
+
+
 def test_release_keeps_bf16_weights_and_the_tokenizer_and_replaces_the_old_one(trained_run, tmp_path):
     out = tmp_path / "release"
     out.mkdir()
@@ -21,6 +36,8 @@ def test_release_keeps_bf16_weights_and_the_tokenizer_and_replaces_the_old_one(t
     assert path == out / newgpt.RELEASE_FILE and newgpt.latest_checkpoint(out) == path
     assert sorted(p.name for p in out.glob("tokenizer-*.json")) == [full["tokenizer"]["file"]]
     assert not {"optimizers", "scaler", "rng"} & set(slim) and slim["step"] == full["step"]
+    tied = slim["model"]["lm_head.weight"], slim["model"]["transformer.wte.weight"]
+    assert tied[0].data_ptr() == tied[1].data_ptr(), "the tied embedding is stored once"
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, full_model.state_dict()[name].to(torch.bfloat16).float()), name
     assert path.stat().st_size < newgpt.latest_checkpoint(trained_run).stat().st_size / 3

@@ -165,6 +165,7 @@ def test_stop_sequences_cut_the_answer(client):
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "assistant", "content": "hi"}]}', 400, "last message must be the user"),
     (b'{"messages": []}', 400, "at least one message"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
