@@ -1315,11 +1315,9 @@ def model_config_from(stored):
 
 def default_checkpoint(out_dir="ckpt"):
     """What chat loads when not told: the newest checkpoint trained into out_dir, else the release model."""
-    trained = latest_checkpoint(out_dir) if Path(out_dir).is_dir() else None
-    if trained:
-        return trained
-    if latest_checkpoint(RELEASE_DIR):
-        return latest_checkpoint(RELEASE_DIR)
+    found = latest_checkpoint(out_dir) or latest_checkpoint(RELEASE_DIR)
+    if found:
+        return found
     raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/; train one with: "
                     f"python newgpt.py")
 
@@ -1393,13 +1391,13 @@ def write_release(source, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_name = ckpt["tokenizer"]["file"]
-    for old in out_dir.glob("tokenizer-*.json"):
-        if old.name != tokenizer_name:
-            old.unlink()
     atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(path.parent / tokenizer_name, tmp))
     release = out_dir / RELEASE_FILE
     atomic_write(release, lambda tmp: torch.save(release_state(ckpt), tmp))
     atomic_write(out_dir / "latest", lambda tmp: tmp.write_text(RELEASE_FILE + "\n"))
+    for old in out_dir.glob("tokenizer-*.json"):  # only once the new release is in place
+        if old.name != tokenizer_name:
+            old.unlink()
     return release
 
 
@@ -1993,7 +1991,7 @@ def build_parser():
                              "and batch to match (0: the size measured best for the device and --max_minutes)")
     parser.add_argument("--release", metavar="RUN", default="",
                         help="do not train: make the newest checkpoint of RUN (a directory or file) the release "
-                             f"model, bf16 weights without optimizer state, in {RELEASE_DIR.name}/")
+                             "model, bf16 weights without optimizer state, in ckpt/release/")
     return parser
 
 
