@@ -306,7 +306,8 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         return ApiError(error.status_code, str(error.detail), kind="invalid_request_error").response()
 
     def authorize(request):
-        if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+        sent = request.headers.get("authorization", "")
+        if api_key and not secrets.compare_digest(sent, f"Bearer {api_key}"):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            kind="authentication_error", code="invalid_api_key")
 
@@ -322,7 +323,8 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "tinygpt"}]}
+        model = {"id": model_id, "object": "model", "created": 0, "owned_by": "tinygpt"}
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -362,7 +364,9 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
                     job.cancelled.set()
                     while not isinstance(item := await job.out.get(), (Finished, ApiError)):
                         pass  # the worker notices the cancel at its next token
-                    yield dataclasses.replace(item, finish_reason="stop") if isinstance(item, Finished) else item
+                    if isinstance(item, ApiError):
+                        raise item
+                    yield dataclasses.replace(item, finish_reason="stop")
                     return
         finally:
             job.cancelled.set()
@@ -396,8 +400,8 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         finally:
             watcher.cancel()
         message = {"role": "assistant", "content": "".join(text)}
-        return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason,
+        return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
+                "model": model_id, "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason,
                              "logprobs": None}],
                 "usage": usage_of(finished)}
 
