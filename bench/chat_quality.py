@@ -71,18 +71,17 @@ def names_an_answer(reply, accepted):
     return any(f" {' '.join(words(answer))} " in head for answer in accepted)
 
 
+def ngrams(words_, n):
+    return [tuple(words_[i:i + n]) for i in range(len(words_) - n + 1)]
+
+
 def trigrams(text):
-    w = words(text)
-    return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+    return set(ngrams(words(text), 3))
 
 
 def is_echo(prompt, reply):
     reply_trigrams = trigrams(reply)
     return bool(reply_trigrams) and len(reply_trigrams & trigrams(prompt)) > len(reply_trigrams) / 2
-
-
-def ngrams(words_, n):
-    return [tuple(words_[i:i + n]) for i in range(len(words_) - n + 1)]
 
 
 def distinct(replies, n):
