@@ -4,14 +4,15 @@ TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
     python newgpt.py                                   # OASST2 from the Hugging Face hub
     python newgpt.py --data a.jsonl.gz b.parquet --val_data v.jsonl.gz --max_minutes 20
     python newgpt.py --depth 8 --max_minutes 5         # a bigger model, its schedule laid over 5 minutes
-    python newgpt.py --data chat.jsonl.gz --pretrain_data facts.jsonl.gz:4 docs.jsonl.gz   # knowledge, then chat
+    python newgpt.py --resume                          # continue the newest checkpoint in ckpt/
     torchrun --nproc_per_node=2 newgpt.py --data ...   # data-parallel (gloo on CPU, nccl on CUDA)
 
 The file reads top to bottom as the pipeline runs:
-  configs -> model (attention, MLP, block, GPT) -> data (formats -> conversations -> train_texts.json)
-  -> tokenizer (byte-level BPE + chat special tokens) -> batches (packed rows, cached on disk)
-  -> device, precision, optimizer -> checkpoints -> training loop (eval -> checkpoint -> micro-batches
-  -> clip -> step -> log) -> main()
+  configs -> model (attention, MLP, block, GPT) -> tokenizer and chat format -> batches (packed rows)
+  -> device, precision, optimizer and schedule -> checkpoints -> the training loop (evaluate -> checkpoint
+  -> micro-batches -> clip -> step -> log) -> main()
+Reading the data files into conversations (data.py) and the run's plumbing (runtime.py: atomic files,
+torchrun, Ctrl-C, the progress bar) sit beside it.
 
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
 128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
@@ -20,30 +21,21 @@ then on the assistant's only; Muon for the blocks' matrices and AdamW for the re
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
 checkpoints that resume (a step-based run bit-exactly), on CPU, CUDA or MPS. Optional: a knowledge stage
-before the chat stage, on weighted document and Q/A sources, streamed when they are Hugging Face datasets.
-chat_with_model.py imports the model and the chat format from here, so training and chatting can never
-disagree.
+before the chat stage, on weighted document and Q/A sources. chat_with_model.py imports the model and the
+chat format from here, so training and chatting can never disagree.
 """
 
 import argparse
-import ctypes
 import dataclasses
 import functools
-import gzip
 import hashlib
-import io
-import itertools
-import json
 import math
 import os
 import re
 import shutil
-import signal
-import socket
 import sys
 import time
-import unicodedata
-from collections import defaultdict, deque
+from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,25 +44,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename the temp file over `path`: a kill mid-write never leaves a
-    half-written file under the real name, and never damages the previous version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
+from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
+                  load_or_build_texts, read_holdout, split_weight)
+from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write, barrier, checkpoint_file,
+                     checkpoint_paths, format_minutes, keep_freed_memory, latest_checkpoint, max_over_ranks,
+                     plot_metrics, rank_zero_print, setup_distributed, why_unreadable, write_metrics,
+                     write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -78,12 +58,6 @@ def atomic_write(path, write):
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
-HF_DATASET = "OpenAssistant/oasst2"
-STREAM_SAMPLE_RECORDS = 2000  # records of each streamed source that the tokenizer also trains on
-STREAM_SHARD_TOKENS = 2 ** 20  # a streamed source is written in shards of this many tokens (bounded memory)
-# The evaluation prompts of bench/chat_quality.py: no training run may see them.
-HOLDOUT_FILES = [Path(__file__).resolve().parent / "bench" / name
-                 for name in ("knowledge_questions.jsonl", "chat_prompts.jsonl")]
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -97,7 +71,7 @@ class GPTConfig:
     n_head: int = field(default=2, metadata={"help": "attention heads per block"})
     n_embd: int = field(default=256, metadata={"help": "embedding width; must be divisible by n_head"})
     dropout: float = field(default=0.0, metadata={
-        "help": "dropout probability (0: the default 3-epoch run does not overfit)"})
+        "help": "dropout probability (the size dial sets 0.1 from --depth 12, where overfitting starts)"})
     pos_encoding: str = field(default="rope", metadata={
         "help": "positional encoding: rotary (RoPE) or a learned table", "choices": ["rope", "learned"]})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm layers"})
@@ -169,8 +143,8 @@ class TrainConfig:
     compile: bool = field(default=True, metadata={"help": "torch.compile the model for training"})
 
 
-# The original project's recipe, for comparisons: `python newgpt.py --recipe seed` (explicit flags still win).
-# Its data was the first 20k OASST2 rows: add --max_samples 20000 to reproduce that too.
+# The original project's recipe, the baseline of every comparison: `python newgpt.py --recipe seed` (explicit
+# flags still win; --max_samples 20000 also takes its data, the first 20,000 OASST2 rows).
 RECIPES = {
     "default": {},
     "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8,
@@ -420,425 +394,6 @@ def check_model_config(config):
         raise UserError("n_layer, n_head and n_embd must be positive and dropout in [0, 1)")
 
 
-# -----------------------------------------------------------------------------
-# Data: every source format becomes one conversation type,
-#   {"turns": [{"role": "system"|"user"|"assistant"|"text", "content": str}, ...], "group": str}
-# "text" marks a plain document (no roles are invented for it); "group" keeps a message tree on one
-# side of the train/val split.
-
-
-def read_json_lines(f, path):
-    """Rows of a JSONL stream. A malformed line stops the run, naming the file's own line number: silently
-    skipping it would change what the model trains on."""
-    rows = []
-    for number, line in enumerate(f, start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise UserError(f"{path}, line {number}: not valid JSON ({e.msg}); fix or delete that line")
-    return rows
-
-
-def read_records(path):
-    """Rows of a local .jsonl, .jsonl.gz, .json or .parquet file, as dicts."""
-    name = path.name.lower()
-    try:
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            if name.endswith((".json", ".json.gz")):
-                rows = json.load(f)
-                return rows if isinstance(rows, list) else [rows]
-            return read_json_lines(f, path)
-    except UserError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    except Exception as e:  # pyarrow raises its own error types
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
-
-
-def hub_reachable(timeout=3.0):
-    """One quick connection attempt, so that an offline machine fails in seconds instead of waiting out
-    the datasets library's retries. HF_HUB_OFFLINE=1 or HF_ENDPOINT skip it (a local cache or a mirror)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_ENDPOINT"):
-        return True
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def read_source(spec, split="train"):
-    """Records of a local file, or of a split of a Hugging Face dataset id such as OpenAssistant/oasst2."""
-    path = Path(spec)
-    if path.is_file():
-        return read_records(path)
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        raise UserError(f"data path not found or not a file: {spec}")
-    if not hub_reachable():
-        raise UserError(f"the Hugging Face hub is unreachable, so {spec} cannot be downloaded; pass local files "
-                        f"with --data PATH (or set HF_HUB_OFFLINE=1 to use a cached copy)")
-    try:
-        import datasets
-        return datasets.load_dataset(spec, split=split).to_list()
-    except Exception as e:
-        raise UserError(f"could not load the dataset {spec} from the Hugging Face hub ({type(e).__name__}); "
-                        f"without network access pass local files with --data PATH")
-
-
-def normalize_text(text):
-    """NFC unicode, Unix newlines, no trailing spaces, at most one blank line; code indentation is kept."""
-    text = unicodedata.normalize("NFC", text or "").replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def make_conversation(turns, group):
-    turns = [{"role": role, "content": normalize_text(content)} for role, content in turns]
-    return {"turns": [t for t in turns if t["content"]], "group": group}
-
-
-def flatten_oasst_tree(tree):
-    """OASST nested tree ({"prompt": {..., "replies": [...]}}) -> message-table rows with parent_id."""
-    stack = [(tree["prompt"], None)]
-    while stack:
-        message, parent_id = stack.pop()
-        row = {k: v for k, v in message.items() if k != "replies"}
-        row.update(parent_id=parent_id, message_tree_id=tree["message_tree_id"])
-        yield row
-        stack.extend((reply, message["message_id"]) for reply in reversed(message.get("replies") or []))
-
-
-def oasst_conversations(messages, langs, branches):
-    """Threads from an OASST message table: paths from each root prompt down its reply tree.
-
-    A message is kept only if it is not deleted, passed review, has text and is in `langs`; dropping a
-    message drops its whole subtree, whose turns would answer a question nobody asked. branches="best"
-    follows the best-ranked reply at every turn (rank 0 is the volunteers' favourite), which gives the
-    cleanest answers and repeats no prefix; "all" takes every root-to-leaf path, several times the
-    conversations but with shared prefixes repeated."""
-    def keep(m):
-        return (not m.get("deleted") and m.get("review_result") is not False and normalize_text(m.get("text"))
-                and (langs is None or m.get("lang") in langs))
-
-    kept = {m["message_id"]: m for m in messages if keep(m)}
-    children = defaultdict(list)
-    for m in kept.values():
-        children[m.get("parent_id")].append(m)
-    for replies in children.values():
-        replies.sort(key=lambda m: (m.get("rank") is None, m.get("rank") or 0))
-
-    def paths(message):
-        replies = children.get(message["message_id"], [])
-        if not replies:
-            yield [message]
-            return
-        for reply in replies[:1] if branches == "best" else replies:
-            for rest in paths(reply):
-                yield [message] + rest
-
-    for root in children.get(None, []):
-        if root["role"] != "prompter":
-            continue
-        for path in paths(root):
-            if path[-1]["role"] == "prompter":
-                path = path[:-1]  # an unanswered question teaches nothing
-            if len(path) >= 2:
-                turns = [("user" if m["role"] == "prompter" else "assistant", m["text"]) for m in path]
-                yield make_conversation(turns, root.get("message_tree_id", root["message_id"]))
-
-
-LLAMA2_SYSTEM = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.S)
-
-
-def parse_llama2_chat(text):
-    """'<s>[INST] user [/INST] assistant </s><s>[INST] ...' -> (role, content) turns."""
-    turns = []
-    for chunk in text.split("[INST]")[1:]:
-        user, _, answer = chunk.partition("[/INST]")
-        system = LLAMA2_SYSTEM.search(user)
-        if system:
-            turns.append(("system", system.group(1)))
-            user = LLAMA2_SYSTEM.sub("", user)
-        turns += [("user", user), ("assistant", answer.replace("</s>", "").replace("<s>", ""))]
-    return turns
-
-
-def parse_human_assistant(text):
-    """'### Human: ... ### Assistant: ...' -> (role, content) turns."""
-    parts = re.split(r"###\s*(Human|Assistant):", text)
-    roles = ["user" if marker == "Human" else "assistant" for marker in parts[1::2]]
-    return list(zip(roles, parts[2::2]))
-
-
-def text_record_conversation(record, group):
-    text = record["text"] or ""
-    if "[INST]" in text and "[/INST]" in text:
-        return make_conversation(parse_llama2_chat(text), group)
-    if re.search(r"###\s*Human:", text) and re.search(r"###\s*Assistant:", text):
-        return make_conversation(parse_human_assistant(text), group)
-    return make_conversation([("text", text)], group)
-
-
-def detect_format(record, source):
-    keys = set(record) if isinstance(record, dict) else set()
-    if {"message_id", "parent_id", "role", "text"} <= keys:
-        return "oasst_messages"
-    if {"message_tree_id", "prompt"} <= keys:
-        return "oasst_trees"
-    if {"instruction", "response"} <= keys:
-        return "instruction"
-    if "text" in keys:
-        return "text"
-    raise UserError(f"{source}: unrecognised record shape with keys {sorted(keys)[:8]}; expected an OASST "
-                    f"message table or trees, {{'text'}} documents or {{'instruction', 'response'}} pairs")
-
-
-def records_to_conversations(records, source, langs, branches):
-    """Dispatch one source's records, by their shape, to the adapter for that format."""
-    if not records:
-        return []
-    fmt = detect_format(records[0], source)
-    if fmt == "oasst_trees":
-        records = [row for tree in records for row in flatten_oasst_tree(tree)]
-        fmt = "oasst_messages"
-    if fmt == "oasst_messages":
-        return list(oasst_conversations(records, langs, branches))
-    conversations = []
-    for i, r in enumerate(records):
-        group = f"{source}:{i}"
-        if fmt == "instruction":
-            prompt = r["instruction"] + ("\n\n" + r["context"] if (r.get("context") or "").strip() else "")
-            conversations.append(make_conversation([("user", prompt), ("assistant", r["response"])], group))
-        else:
-            conversations.append(text_record_conversation(r, group))
-    return conversations
-
-
-def is_usable(conversation):
-    """A document with text, or a chat with at least one user turn and one assistant turn."""
-    roles = {t["role"] for t in conversation["turns"]}
-    return roles == {"text"} or {"user", "assistant"} <= roles
-
-
-def is_streamed(spec):
-    """Knowledge sources that stream instead of loading: a dataset folder, or a Hugging Face dataset id."""
-    path = Path(spec)
-    return path.is_dir() or (not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None)
-
-
-def stream_records(spec, split="train"):
-    """The records of a Hugging Face dataset id or a local dataset folder, one at a time (datasets'
-    streaming=True): a corpus larger than memory is never held whole."""
-    if not Path(spec).is_dir() and not hub_reachable():
-        raise UserError(f"the Hugging Face hub is unreachable, so {spec} cannot be streamed; pass local files")
-    try:
-        import datasets
-        yield from datasets.load_dataset(spec, split=split, streaming=True)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"could not stream the dataset {spec} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-
-
-def split_weight(spec):
-    """'data/a.jsonl.gz:3' -> ('data/a.jsonl.gz', 3.0); a spec without a weight has weight 1."""
-    path, _, weight = spec.rpartition(":")
-    if not path or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", weight):
-        return spec, 1.0
-    return path, float(weight)
-
-
-def conversations_from_sources(specs, split, langs, branches, max_samples=0):
-    """All sources' conversations, deduplicated, each tagged with its source. max_samples caps the records
-    read over all sources, as the original project took the first 20k rows of OASST2."""
-    conversations, budget = [], max_samples or math.inf
-    for spec in specs:
-        source = split_weight(spec)[0]
-        records = read_source(source, split)
-        records = records[:budget] if budget < len(records) else records
-        budget -= len(records)
-        conversations += [c | {"source": source}
-                          for c in records_to_conversations(records, source, langs, branches) if is_usable(c)]
-        if budget <= 0:
-            break
-    return deduplicate(conversations)
-
-
-def deduplicate(conversations):
-    seen, unique = set(), []
-    for c in conversations:
-        key = json.dumps(c["turns"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            unique.append(c)
-    return unique
-
-
-def group_hash(group):
-    return int(hashlib.sha256(group.encode()).hexdigest()[:12], 16)
-
-
-def split_by_group(conversations, val_permille=20):
-    """Deterministic ~2% validation split by message tree, so no conversation leaks across it."""
-    train = [c for c in conversations if group_hash(c["group"]) % 1000 >= val_permille]
-    val = [c for c in conversations if group_hash(c["group"]) % 1000 < val_permille]
-    if not val and len({c["group"] for c in conversations}) > 1:  # tiny data: hold out one whole group
-        held = min((c["group"] for c in conversations), key=group_hash)
-        train = [c for c in conversations if c["group"] != held]
-        val = [c for c in conversations if c["group"] == held]
-    return train, val
-
-
-def decontaminate(train, val, min_chars=64):
-    """Drop training conversations that contain a message of the validation set verbatim. Short
-    messages ("Thank you!") are shared by chance, not leaked, so they do not count."""
-    val_contents = {t["content"] for c in val for t in c["turns"] if len(t["content"]) >= min_chars}
-    return [c for c in train if not any(t["content"] in val_contents for t in c["turns"])]
-
-
-def question_words(text):
-    """The words that make a question this question: lower case, without function words or a plural s."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w not in FUNCTION_WORDS)
-
-
-FUNCTION_WORDS = frozenset(
-    "a an the is are was were be been of in on at to for by with from and or what which who whom whose how why "
-    "when where do does did can could would should will shall may might me my you your i it its this that these "
-    "those there s tell please about give some any".split())
-
-
-def read_holdout(paths):
-    """The questions of each holdout file, as word sets; a missing file stops the run."""
-    questions = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise UserError(f"holdout file not found: {path} (--holdout lists evaluation prompts to keep out)")
-        for record in read_records(path):
-            text = record.get("question") or record.get("prompt") if isinstance(record, dict) else None
-            if not text:
-                raise UserError(f"{path}: each line needs a 'question' or 'prompt', got {str(record)[:80]}")
-            questions.append(question_words(text))
-    return [q for q in questions if q]
-
-
-def asks_a_holdout_question(conversation, holdout):
-    """A user turn that asks an evaluation question, or a close paraphrase: it holds all of that question's
-    words and at most twice as many plus two. A long message that happens to use those words is kept, and so
-    are documents: a fact stated in a document is knowledge, an evaluation question in the data is a leak."""
-    for turn in conversation["turns"]:
-        if turn["role"] == "user":
-            words = question_words(turn["content"])
-            if any(q <= words and len(words) <= 2 * len(q) + 2 for q in holdout):
-                return True
-    return False
-
-
-def parse_langs(langs):
-    if langs.strip() == "all":
-        return None
-    codes = [code.strip() for code in langs.split(",") if code.strip()]
-    for code in codes:
-        if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z]{2,4})?", code):
-            raise UserError(f"unknown language {code!r} in --langs: use codes such as en, de, pt-BR, or 'all'")
-    if not codes:
-        raise UserError("--langs is empty: use codes such as en,de or 'all'")
-    return set(codes)
-
-
-def content_hash(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def build_texts(cfg):
-    """Read every source, build conversations, split train/val, keep the evaluation prompts out of training
-    and record where they came from."""
-    langs = parse_langs(cfg.langs)
-    holdout = read_holdout(cfg.holdout)
-    train = conversations_from_sources(cfg.data, "train", langs, cfg.branches, cfg.max_samples)
-    local, streamed = ([spec for spec in cfg.pretrain_data if is_streamed(split_weight(spec)[0]) == want]
-                       for want in (False, True))
-    pretrain = conversations_from_sources(local, "train", None, cfg.branches)
-    # The first records of each streamed source, for the tokenizer's sample; the rest streams into shards.
-    stream_sample = [c for spec in streamed for c in records_to_conversations(
-        list(itertools.islice(stream_records(split_weight(spec)[0]), STREAM_SAMPLE_RECORDS)), spec, None, "best")]
-    if cfg.val_data:
-        val = conversations_from_sources(cfg.val_data, "validation", langs, cfg.branches)
-    elif cfg.data == [HF_DATASET]:
-        val = conversations_from_sources(cfg.data, "validation", langs, cfg.branches)
-    else:
-        train, val = split_by_group(train)
-    train = decontaminate(train, val)
-    pretrain = decontaminate(pretrain, val)
-    kept = [[c for c in split if not asks_a_holdout_question(c, holdout)] for split in (train, pretrain)]
-    held_out = len(train) + len(pretrain) - len(kept[0]) - len(kept[1])
-    train, pretrain = kept
-    if not train:
-        raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
-                        f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
-    if not val:
-        raise UserError("no validation conversations: give --val_data or more data")
-    if local and not pretrain:
-        raise UserError(f"no usable documents or Q/A pairs in {' '.join(cfg.pretrain_data)}")
-    return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val, pretrain]),
-            "held_out": held_out, "train": train, "val": val, "pretrain": pretrain, "stream_sample": stream_sample}
-
-
-def build_options(cfg):
-    """What train_texts.json depends on: a file built with other options is rebuilt."""
-    def sources(specs):  # weights only change how often rows are drawn, not the texts
-        return [split_weight(spec)[0] for spec in specs]
-
-    holdout = [content_hash(Path(p).read_text()) if Path(p).is_file() else p for p in cfg.holdout]
-    return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
-            "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout}
-
-
-def is_texts_file(texts):
-    if not isinstance(texts, dict) or not isinstance(texts.get("train"), list) or not texts["train"]:
-        return False
-    val = texts.get("val", [])  # optional: a user's own file may leave the split to us
-    return isinstance(val, list) and all(isinstance(c, dict) and isinstance(c.get("turns"), list)
-                                         for c in texts["train"] + val)
-
-
-def read_texts_file(path):
-    """A train_texts.json, ours or a user's own: groups, a validation split and a hash are added if missing."""
-    try:
-        texts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        texts = None
-    if not is_texts_file(texts):
-        raise UserError(f"{path} is not a TinyGPT texts file: expected {{'train': [{{'turns': [...]}}], "
-                        f"'val': [...]}}; delete it to rebuild it from --data")
-    for c in texts["train"] + texts.get("val", []):
-        c.setdefault("group", content_hash(c["turns"]))
-    if not texts.get("val"):
-        texts["train"], texts["val"] = split_by_group(texts["train"])
-    texts.setdefault("pretrain", [])
-    texts.setdefault("sha256", content_hash([texts["train"], texts["val"], texts["pretrain"]]))
-    return texts
-
-
-def load_or_build_texts(cfg):
-    """train_texts.json is reused when it was built from the same sources and options, or when it has no
-    build record at all (a user's own file in the same format); otherwise it is rebuilt."""
-    path = Path(cfg.texts)
-    options = build_options(cfg)
-    if path.is_file():
-        texts = read_texts_file(path)
-        if texts.get("build", options) == options:
-            return texts, "reused"
-    texts = build_texts(cfg)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8"))
-    return texts, "built"
-
 
 # -----------------------------------------------------------------------------
 # Tokenizer: byte-level BPE (any UTF-8 text round-trips) plus the chat's special tokens.
@@ -945,52 +500,6 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
     return ids, mask
 
 
-def npy_bytes(values, dtype):
-    buffer = io.BytesIO()
-    np.save(buffer, np.array(values, dtype=dtype))
-    return buffer.getvalue()
-
-
-def write_stream_shards(spec, tokenizer, holdout, val, max_tokens, folder):
-    """Stream a dataset into token shards of STREAM_SHARD_TOKENS (ids and target mask, .npy each), keeping
-    out evaluation prompts and validation messages as for local sources, up to max_tokens. The manifest,
-    written last, marks the set complete."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shards, ids, mask, total = [], [], [], 0
-
-    def flush():
-        name = f"shard{len(shards):05d}"
-        for suffix, values, dtype in (("ids", ids, token_dtype(tokenizer)), ("mask", mask, np.uint8)):
-            atomic_write(folder / f"{name}-{suffix}.npy", lambda tmp: tmp.write_bytes(npy_bytes(values, dtype)))
-        shards.append(name)
-
-    records = stream_records(spec)
-    while total < max_tokens and (batch := list(itertools.islice(records, 1000))):
-        conversations = [c for c in records_to_conversations(batch, spec, None, "best")
-                         if is_usable(c) and not asks_a_holdout_question(c, holdout)]
-        for conv_ids, conv_mask in render_conversations(tokenizer, decontaminate(conversations, val)):
-            take = min(len(conv_ids), max_tokens - total)
-            ids += conv_ids[:take]
-            mask += conv_mask[:take]
-            total += take
-            if len(ids) >= STREAM_SHARD_TOKENS:
-                flush()
-                ids, mask = [], []
-    if ids:
-        flush()
-    atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps({"shards": shards, "tokens": total})))
-
-
-def cached_stream_shards(spec, tokenizer, tokenizer_sha, holdout, val, max_tokens, cache_dir):
-    """A streamed source's token shards, written once (see write_stream_shards) and memory-mapped when read,
-    so that training touches only the rows it draws."""
-    key = hashlib.sha256(f"{spec}|{max_tokens}|{tokenizer_sha}".encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / f"stream-{key}"
-    if not (folder / "manifest.json").is_file():
-        write_stream_shards(spec, tokenizer, holdout, val, max_tokens, folder)
-    shards = json.loads((folder / "manifest.json").read_text())["shards"]
-    return [(np.load(folder / f"{name}-ids.npy", mmap_mode="r"), np.load(folder / f"{name}-mask.npy", mmap_mode="r"))
-            for name in shards]
 
 
 class PackedRows:
@@ -1018,40 +527,6 @@ class PackedRows:
         return x, y
 
 
-def by_source(conversations):
-    """{source: its conversations}, in the order the sources first appear ("texts" for a user's own file)."""
-    groups = {}
-    for c in conversations:
-        groups.setdefault(c.get("source", "texts"), []).append(c)
-    return groups
-
-
-class MixedRows:
-    """Several sources' PackedRows as one table of (source, row) pairs, in which each source's rows appear
-    `weight` times: an epoch of the table draws each source in proportion to weight x size. A fractional
-    weight keeps a fixed, seeded share of a source's rows (0.5: half of them, every epoch the same half)."""
-
-    def __init__(self, parts, weights, seed=0):
-        rng = np.random.default_rng(seed)
-        table = []
-        for source, (rows, weight) in enumerate(zip(parts, weights)):
-            whole, fraction = divmod(weight, 1.0)
-            picked = [np.tile(np.arange(rows.n_rows), int(whole)),
-                      rng.permutation(rows.n_rows)[:round(fraction * rows.n_rows)]]
-            picked = np.concatenate(picked)
-            table.append(np.stack([np.full(len(picked), source), picked], axis=1))
-        self.parts, self.table = parts, np.concatenate(table)  # (n_rows, 2)
-        self.block_size, self.n_rows = parts[0].block_size, len(self.table)
-
-    def get(self, rows, loss_on=None):
-        picks = self.table[np.asarray(rows)]
-        x = torch.empty(len(picks), self.block_size, dtype=torch.long)
-        y = torch.empty_like(x)
-        for source in np.unique(picks[:, 0]):
-            chosen = picks[:, 0] == source
-            x[chosen], y[chosen] = self.parts[source].get(picks[chosen, 1], loss_on)
-        return x, y
-
 
 @functools.lru_cache(maxsize=2)
 def row_order(n_rows, seed, epoch):
@@ -1069,6 +544,103 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
         rows.append(row_order(n_rows, cfg.seed, epoch)[position])
     return rows
 
+
+
+def prepare_tokenizer(texts, vocab_size, out_dir):
+    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
+    another run's checkpoints keep their own tokenizer."""
+    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+    if not path.is_file():
+        chat = [t["content"] for c in texts["train"] for t in c["turns"]]
+        knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
+        # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
+        every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
+        tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
+        atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
+    return path
+
+
+@dataclass
+class PreparedData:
+    texts: dict
+    tokenizer: object
+    tokenizer_info: dict  # {"file", "sha256"}: stored in checkpoints, checked by load_checkpoint
+    arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
+
+
+def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
+    """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
+    token caches, each reused when already on disk. Returns (PreparedData, "built" or "reused")."""
+    texts, how = load_or_build_texts(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
+    if resumed_tokenizer is None:
+        tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
+    else:
+        tokenizer_path = out_dir / resumed_tokenizer.name
+        if not tokenizer_path.is_file():
+            atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(resumed_tokenizer, tmp))
+    tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
+    cache_dir = out_dir / "data"
+    arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}
+    for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
+        arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
+                         for i, (source, group) in enumerate(by_source(texts[split]).items())]
+    streamed = [spec for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data) if is_streamed(spec)]
+    holdout = read_holdout(cfg.holdout) if streamed else []
+    render = functools.partial(render_conversations, tokenizer)
+    for spec in streamed:  # one entry per shard, all named after the source (and weighted as it is)
+        arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
+            spec, render, token_dtype(tokenizer), sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
+    return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
+
+
+def prepare_data(cfg, vocab_size, rank, world_size, log, resumed_tokenizer=None):
+    """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
+    read what it wrote."""
+    started = time.time()
+    log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
+    if rank == 0:
+        data, how = load_or_build_data(cfg, vocab_size, resumed_tokenizer)
+    barrier(world_size)
+    if rank > 0:
+        data, how = load_or_build_data(cfg, vocab_size, resumed_tokenizer)
+    texts = data.texts
+    n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
+    train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
+    train_bytes = token_byte_lengths(data.tokenizer)[train_ids]
+    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
+    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
+        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
+        f"tokens, {train_bytes.sum() / max(1, (train_bytes > 0).sum()):.2f} bytes/token, "
+        f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {time.time() - started:.1f}s")
+    if texts["pretrain"]:
+        log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "
+            f"{len(data.arrays['pretrain'])} sources, {n_tokens['pretrain']:,} tokens")
+    return data
+
+
+def mixed_rows(arrays, specs, block_size, loss_on, seed):
+    """One split's sources as MixedRows, each weighted as its spec says (SOURCE:WEIGHT); None if empty."""
+    weights = dict(split_weight(spec) for spec in specs)
+    parts = [(PackedRows(ids, mask, block_size, loss_on), weights.get(source, 1.0)) for source, ids, mask in arrays]
+    parts = [(rows, weight) for rows, weight in parts if rows.n_rows > 0]
+    if not parts:
+        return None
+    return MixedRows([rows for rows, _ in parts], [weight for _, weight in parts], seed)
+
+
+def packed_splits(data, block_size, cfg):
+    """Chat rows (targets per --loss_on), knowledge rows (every token; None without --pretrain_data) and
+    validation rows (always the assistant's tokens)."""
+    train_rows = mixed_rows(data.arrays["train"], cfg.data, block_size, cfg.loss_on, cfg.seed)
+    knowledge_rows = mixed_rows(data.arrays["pretrain"], cfg.pretrain_data, block_size, "all", cfg.seed)
+    (_, val_ids, val_mask), = data.arrays["val"]
+    val_rows = PackedRows(val_ids, val_mask, block_size, "assistant", data.tokenizer.token_to_id("<|pad|>"))
+    if train_rows is None or val_rows.n_rows < 1:
+        raise UserError(f"too little data for block_size {block_size}: {train_rows.n_rows if train_rows else 0} "
+                        f"train / {val_rows.n_rows} val rows")
+    return train_rows, knowledge_rows, val_rows
 
 # -----------------------------------------------------------------------------
 # Device, precision and the optimizer
@@ -1105,20 +677,6 @@ def pick_dtype(requested, device):
         raise UserError("--dtype float16 needs CUDA; use bfloat16 or float32")
     return requested
 
-
-def keep_freed_memory():
-    """Tell glibc to keep freed memory in the process's heap. By default it serves big blocks (the 64 MB
-    logits, their gradient) with fresh mmap pages and unmaps them on free, so every training step
-    page-faults them in again: a (4096, 256) @ (256, 8192) bf16 matmul then takes 26 ms instead of 7. This
-    changes the allocator of the whole process, so only a training run started from the command line calls
-    it (newgpt.py's __main__), never an import of this module into a chat, a server or a notebook."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator behaves differently
-        pass
 
 
 def autocast_context(device, dtype):
@@ -1254,28 +812,31 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: everything --resume needs to continue exactly, and everything chat needs to rebuild the model
 
 
-# The release model, trained by this repo and committed with it (bench/RESULTS.md, "The release model"), so
-# that chat works right after a clone; python newgpt.py --release RUN_DIR replaces it.
-RELEASE_DIR = Path(__file__).resolve().parent / "ckpt" / "release"
-RELEASE_FILE = "tinygpt.pt"
+def rng_state():
+    """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def checkpoint_paths(out_dir):
-    return sorted(Path(out_dir).glob("gpt_step*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(out_dir):
-    """The checkpoint named by out_dir/latest, or else the highest-numbered gpt_step*.pt."""
-    pointer = Path(out_dir) / "latest"
-    if pointer.is_file():
-        named = Path(out_dir) / pointer.read_text().strip()
-        if named.is_file():
-            return named
-    found = checkpoint_paths(out_dir)
-    return found[-1] if found else None
+def checkpoint_state(model, optimizers, scaler, cfg, data, step, **progress):
+    """The model and optimizer state, both configs, the tokenizer's name and hash, the data's hash and the
+    RNG. progress: val_loss and val_bpb (the newest evaluation), elapsed_s (the time spent, for a budgeted
+    schedule) and chat_start_step (the step the chat stage began at; None while in the knowledge stage)."""
+    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            "scaler": scaler.state_dict(), "model_config": asdict(model.config), "train_config": asdict(cfg),
+            "step": step, "tokenizer": data.tokenizer_info, "texts_sha256": data.texts["sha256"],
+            "rng": rng_state(), **progress}
 
 
 def save_checkpoint(state, out_dir, keep_last):
@@ -1288,19 +849,26 @@ def save_checkpoint(state, out_dir, keep_last):
     return path
 
 
-def why_unreadable(path, error):
-    """What is wrong with a file torch.load could not read, in words a user can act on."""
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
-    if not is_zip:
-        return "is not a PyTorch checkpoint at all"
-    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
-        return ("holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT "
-                "checkpoint")
-    return f"is truncated or damaged ({size:,} bytes; was it copied or saved completely?)"
+def what_is_wrong(path, device="cpu"):
+    """(checkpoint dict, None), or (None, what is wrong with the file). Loads with weights_only=True: no
+    pickled code runs."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        return None, why_unreadable(path, e)
+    missing = [key for key in ("model", "model_config", "tokenizer", "step")
+               if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        return None, f"is a PyTorch file but not a TinyGPT checkpoint (it has no {missing[0]!r})"
+    return ckpt, None
+
+
+def read_checkpoint(path, device="cpu"):
+    """A checkpoint file's dict, or a UserError that says what is wrong with the file."""
+    ckpt, problem = what_is_wrong(path, device)
+    if problem:
+        raise UserError(f"{path} {problem}; use another checkpoint or train a new one")
+    return ckpt
 
 
 def model_config_from(stored):
@@ -1313,41 +881,12 @@ def model_config_from(stored):
     return GPTConfig(**{name: value for name, value in stored.items() if name in known})
 
 
-def default_checkpoint(out_dir="ckpt"):
-    """What chat loads when not told: the newest checkpoint trained into out_dir, else the release model."""
-    found = latest_checkpoint(out_dir) or latest_checkpoint(RELEASE_DIR)
-    if found:
-        return found
-    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/; train one with: "
-                    f"python newgpt.py")
-
-
-def checkpoint_file(path):
-    """A checkpoint file as given, or the newest one in a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
-        path = found
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
-
-
 def load_checkpoint(path, device="cpu"):
-    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir.
-    Loads with weights_only=True (no pickled code runs) and checks that the tokenizer next to it is the
-    one it was trained with. Weights stored in bf16 (a release) load into the fp32 model."""
+    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir,
+    checking that the tokenizer next to it is the one it was trained with. Weights stored in bf16 (a
+    release) load into the fp32 model."""
     path = checkpoint_file(path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} {why_unreadable(path, e)}; use another checkpoint or train a new one")
-    missing = [key for key in ("model", "model_config", "tokenizer", "step")
-               if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise UserError(f"{path} is a PyTorch file but not a TinyGPT checkpoint (it has no {missing[0]!r})")
+    ckpt = read_checkpoint(path, device)
     try:
         model_config = model_config_from(ckpt["model_config"])
     except UserError as e:
@@ -1369,92 +908,43 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), tokenizer, ckpt
 
 
-def release_state(ckpt):
-    """What a shipped model needs: bf16 weights (half of fp32; the chat runs them in fp32 or bf16 anyway)
-    and what chat and export_hf.py read. No optimizer, scaler or RNG state: a release cannot be resumed."""
-    weights, converted = {}, {}
-    for name, t in ckpt["model"].items():
-        key = (t.data_ptr(), t.shape)  # the tied embedding and output layer: converted once, saved once
-        if key not in converted:
-            converted[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
-        weights[name] = converted[key]
-    kept = ("model_config", "train_config", "step", "elapsed_s", "val_loss", "val_bpb", "tokenizer",
-            "texts_sha256", "chat_start_step")
-    return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}
+def default_checkpoint(out_dir="ckpt"):
+    """What chat loads when not told: the newest checkpoint trained into out_dir, else the release model."""
+    found = latest_checkpoint(out_dir) or latest_checkpoint(RELEASE_DIR)
+    if found:
+        return found
+    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/; train one with: "
+                    f"python newgpt.py")
 
 
-def write_release(source, out_dir):
-    """Replace the release model in out_dir with the newest checkpoint of a run (or a checkpoint file),
-    its tokenizer beside it; returns the new file's path."""
-    path = checkpoint_file(source)
-    _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_name = ckpt["tokenizer"]["file"]
-    atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(path.parent / tokenizer_name, tmp))
-    release = out_dir / RELEASE_FILE
-    atomic_write(release, lambda tmp: torch.save(release_state(ckpt), tmp))
-    atomic_write(out_dir / "latest", lambda tmp: tmp.write_text(RELEASE_FILE + "\n"))
-    for old in out_dir.glob("tokenizer-*.json"):  # only once the new release is in place
-        if old.name != tokenizer_name:
-            old.unlink()
-    return release
-
+def resume_checkpoint(out_dir, resume):
+    """(path, checkpoint dict) to continue from: the file given, or with 'latest' the newest intact
+    checkpoint in out_dir. A damaged newer one (a crash mid-copy, a full disk) is passed over, and a line
+    says so; it stays on disk."""
+    if resume != "latest":
+        path = checkpoint_file(resume)
+        ckpt = read_checkpoint(path)
+    else:
+        newest = latest_checkpoint(out_dir)
+        if newest is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir}/ to resume from")
+        candidates = [newest] + [p for p in reversed(checkpoint_paths(out_dir)) if p != newest]
+        damaged = []
+        for path in candidates:
+            ckpt, problem = what_is_wrong(path)
+            if ckpt is not None:
+                break
+            damaged.append(f"{path.name} {problem}")
+        else:
+            raise UserError(f"--resume: no intact checkpoint in {out_dir}/: {'; '.join(damaged)}")
+        if damaged:
+            print(f"resume: passing over {'; '.join(damaged)}; resuming from {path.name}, the newest intact one")
+    if "optimizers" not in ckpt:
+        raise UserError(f"--resume: {path} holds weights only (a release model): it cannot be resumed")
+    return path, ckpt
 
 # -----------------------------------------------------------------------------
-# Training: setup, data, model, then the loop
-
-
-class StopRequest:
-    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one
-    interrupts at once. Used as a context manager, it puts the previous handlers back on exit."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE; then one process per rank, gloo on CPU and nccl on CUDA."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    import torch.distributed as dist
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return rank, world_size, device
-
-
-def barrier(world_size):
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def max_over_ranks(values, world_size, device):
-    """Each value's maximum over the ranks. All ranks must stop at the same step (or DDP would hang
-    waiting for the one that left) and take the same learning rate, though their clocks differ."""
-    if world_size == 1:
-        return values
-    shared = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
-    return shared.tolist()
+# Training: the setup, one step, and the loop
 
 
 def check_train_config(cfg):
@@ -1474,146 +964,82 @@ def check_train_config(cfg):
         raise UserError(f"--stream_tokens must be at least 1, got {cfg.stream_tokens}")
 
 
-def check_out_dir(out_dir):
-    """Fail before any work if out_dir cannot be created or written, without creating it yet: a run that
-    fails later (no network, bad data) leaves nothing behind."""
-    path = Path(out_dir).absolute()
+def check_out_dir(cfg):
+    """Fail before any work if out_dir cannot be written or already holds another run, without creating it
+    yet: a run that fails later (no network, bad data) leaves nothing behind."""
+    path = Path(cfg.out_dir).absolute()
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
-        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is a file, not a directory")
+        raise UserError(f"cannot write to checkpoint directory {cfg.out_dir}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is not writable")
-
-
-def resolve_resume(cfg):
-    """The checkpoint to continue from, or None for a new run (which must not mix with an old one)."""
-    if not cfg.resume:
-        existing = checkpoint_paths(cfg.out_dir)
-        if existing:
-            raise UserError(f"{cfg.out_dir}/ already holds checkpoints ({existing[-1].name}); pass --resume to "
-                            f"continue them or --out_dir DIR to start a new run")
-        return None
-    if cfg.resume == "latest":
-        path = latest_checkpoint(cfg.out_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {cfg.out_dir}/ to resume from")
-        return path
-    return Path(cfg.resume)
-
-
-def prepare_tokenizer(texts, vocab_size, out_dir):
-    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
-    another run's checkpoints keep their own tokenizer."""
-    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
-    if not path.is_file():
-        chat = [t["content"] for c in texts["train"] for t in c["turns"]]
-        knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
-        # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
-        every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
-        tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
-        atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
-    return path
+        raise UserError(f"cannot write to checkpoint directory {cfg.out_dir}: {existing} is not writable")
+    found = checkpoint_paths(cfg.out_dir)
+    if found and not cfg.resume:
+        raise UserError(f"{cfg.out_dir}/ already holds checkpoints ({found[-1].name}); pass --resume to "
+                        f"continue them or --out_dir DIR to start a new run")
 
 
 @dataclass
-class PreparedData:
-    texts: dict
-    tokenizer: object
-    tokenizer_info: dict  # {"file", "sha256"}: stored in checkpoints, checked by load_checkpoint
-    arrays: dict  # split -> (token ids, target mask)
+class Run:
+    """What the training loop works with; start_run() builds it."""
+    cfg: TrainConfig
+    device: str
+    ctx: object  # the autocast context (or nullcontext for float32)
+    rank: int
+    world_size: int
+    data: PreparedData
+    model: GPT  # uncompiled: what is evaluated and saved
+    trained: nn.Module  # what the steps run: the model, compiled and, under torchrun, wrapped in DDP
+    optimizers: list
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; switched off (a no-op) for bf16 and fp32
+    resumed: dict  # where the checkpoint resumed from left off: step, stage, time, last evaluation ({}: none)
+    log: object  # print on rank 0, nothing on the others
+
+    @property
+    def master(self):
+        return self.rank == 0
 
 
-def load_or_build_data(cfg, vocab_size, resumed):
-    """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
-    token caches, each reused when already on disk."""
-    texts, how = load_or_build_texts(cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # created only once the data is there
-    if resumed is None:
-        tokenizer_path = prepare_tokenizer(texts, vocab_size, cfg.out_dir)
-    else:
-        tokenizer_path = Path(cfg.out_dir) / resumed["file"]
-        if not tokenizer_path.is_file():
-            source = Path(resumed["dir"]) / resumed["file"]
-            atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(source, tmp))
-    tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
-    cache_dir = Path(cfg.out_dir) / "data"
-    arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}
-    for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
-        arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
-                         for i, (source, group) in enumerate(by_source(texts[split]).items())]
-    streamed = [spec for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data) if is_streamed(spec)]
-    holdout = read_holdout(cfg.holdout) if streamed else []
-    for spec in streamed:  # one entry per shard, all named after the source (and weighted as it is)
-        arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
-            spec, tokenizer, sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
-    return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
-
-
-def prepare_data(cfg, vocab_size, rank, world_size, log, resumed=None):
-    """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
-    read what it wrote."""
-    started = time.time()
-    log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ "
-        f"(about 20 s the first time, reused afterwards)")
-    if rank == 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed)
-    barrier(world_size)
-    if rank > 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed)
-    texts = data.texts
-    n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
-    train_token_bytes = token_byte_lengths(data.tokenizer)[np.concatenate([ids for _, ids, _ in data.arrays["train"]])]
-    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
-    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
-        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
-        f"tokens, {train_token_bytes.sum() / max(1, (train_token_bytes > 0).sum()):.2f} bytes/token, "
-        f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {time.time() - started:.1f}s")
-    if texts["pretrain"]:
-        log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "
-            f"{len(data.arrays['pretrain'])} sources, {n_tokens['pretrain']:,} tokens")
-    return data
-
-
-def mixed_rows(arrays, specs, block_size, loss_on, seed):
-    """One split's sources as MixedRows, each weighted as its spec says (SOURCE:WEIGHT); None if empty."""
-    weights = dict(split_weight(spec) for spec in specs)
-    parts = [(PackedRows(ids, mask, block_size, loss_on), weights.get(source, 1.0)) for source, ids, mask in arrays]
-    parts = [(rows, weight) for rows, weight in parts if rows.n_rows > 0]
-    if not parts:
-        return None
-    return MixedRows([rows for rows, _ in parts], [weight for _, weight in parts], seed)
-
-
-def packed_splits(data, model_config, cfg):
-    """Chat rows (targets per --loss_on), knowledge rows (every token; None without --pretrain_data) and
-    validation rows (always the assistant's tokens)."""
-    T = model_config.block_size
-    train_rows = mixed_rows(data.arrays["train"], cfg.data, T, cfg.loss_on, cfg.seed)
-    knowledge_rows = mixed_rows(data.arrays["pretrain"], cfg.pretrain_data, T, "all", cfg.seed)
-    (_, val_ids, val_mask), = data.arrays["val"]
-    val_rows = PackedRows(val_ids, val_mask, T, "assistant", data.tokenizer.token_to_id("<|pad|>"))
-    if train_rows is None or train_rows.n_rows < 1 or val_rows.n_rows < 1:
-        raise UserError(f"too little data for block_size {T}: {train_rows.n_rows if train_rows else 0} train / "
-                        f"{val_rows.n_rows} val rows")
-    return train_rows, knowledge_rows, val_rows
-
-
-def rng_state():
-    """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def start_run(cfg, model_config, size_note):
+    """Check the flags, pick the device, prepare the data, build the model and optimizers, and restore
+    them from the checkpoint being resumed (cfg.resume, found by configs_from_args)."""
+    check_train_config(cfg)
+    check_model_config(model_config)
+    check_out_dir(cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    rank, world_size, device = setup_distributed(device)
+    ckpt = read_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    resumed_tokenizer = Path(cfg.resume).parent / ckpt["tokenizer"]["file"] if ckpt else None
+    log = rank_zero_print(rank)
+    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed_tokenizer)
+    if ckpt is not None and ckpt["texts_sha256"] != data.texts["sha256"]:
+        raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
+                        f"use the same --data and --texts to continue it")
+    model_config.vocab_size = data.tokenizer.get_vocab_size()
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    optimizers = configure_optimizers(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+    if ckpt is not None:
+        restore_training_state(ckpt, model, optimizers, scaler, cfg.resume)
+    log(f"model: {model_config.n_layer} x {model_config.n_embd} ({model.num_params() / 1e6:.2f}M parameters), "
+        f"{size_note}: {asdict(model_config)}, batch {cfg.batch_size}")
+    ctx = autocast_context(device, dtype)
+    trained = compile_model(model, cfg, device, ctx, log)
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(trained)
+    log(f"training on {device} ({dtype}, {world_size} process{'es' * (world_size > 1)})"
+        + (f", resuming from {cfg.resume} at step {ckpt['step']}" if ckpt else "")
+        + (f", for {cfg.max_minutes:g} minutes: the schedule follows the clock" if cfg.max_minutes else ""))
+    resumed = {"step": ckpt["step"], "chat_start_step": ckpt.get("chat_start_step", 0),  # None: knowledge stage
+               "elapsed_s": ckpt.get("elapsed_s", 0.0), "val_loss": ckpt.get("val_loss"),
+               "val_bpb": ckpt.get("val_bpb")} if ckpt else {}
+    return Run(cfg, device, ctx, rank, world_size, data, model, trained, optimizers, scaler, resumed, log)
 
 
 def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
-    """Weights, optimizer moments, the fp16 loss scale and the RNG of a checkpoint; returns its step."""
+    """Weights, optimizer moments, the fp16 loss scale and the RNG of a checkpoint."""
     model.load_state_dict(ckpt["model"])
     if len(ckpt["optimizers"]) != len(optimizers):
         raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
@@ -1622,357 +1048,173 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    return ckpt["step"]
 
 
-def checkpoint_state(model, optimizers, scaler, model_config, cfg, data, step, last_eval, elapsed_s, chat_start=0):
-    """Everything --resume needs to continue exactly (the time spent too, for a budgeted schedule, and the
-    step the chat stage began at, None while in the knowledge stage), and everything chat needs to rebuild
-    the model; last_eval holds the newest val_loss and val_bpb."""
-    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-            "scaler": scaler.state_dict(), "model_config": asdict(model_config), "train_config": asdict(cfg),
-            "step": step, "elapsed_s": elapsed_s, **last_eval, "tokenizer": data.tokenizer_info,
-            "texts_sha256": data.texts["sha256"], "rng": rng_state(), "chat_start_step": chat_start}
+def compile_model(model, cfg, device, ctx, log):
+    """torch.compile the model and run one forward and backward on a dummy batch, so that a missing C++
+    compiler or an unsupported platform shows up here, once: then say so and train without it. The dummy
+    step leaves no trace: its gradients are dropped and the RNG is put back."""
+    if not cfg.compile:
+        return model
+    if device == "mps":
+        log("torch.compile is not used on MPS: it has not been measured to work there")
+        return model
+    log("compiling the model (--no-compile skips it)")
+    compiled, rng = torch.compile(model), rng_state()
+    dummy = torch.zeros(cfg.batch_size, model.config.block_size, dtype=torch.long, device=device)
+    try:
+        with ctx:
+            _, loss = compiled(dummy, dummy)
+        loss.backward()
+    except torch._dynamo.exc.TorchDynamoException as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        log(f"torch.compile failed ({reason}); training without it (--no-compile skips the attempt)")
+        compiled = model
+    finally:
+        model.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+    return compiled
 
 
-def write_metrics(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def plot_metrics(metrics_path, png_path):
-    """Train and val loss, and val bits per byte, against step, from the metrics log."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if "val_loss" in r]
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax_loss.plot(*zip(*train), label="train loss", alpha=0.7)
-    if val:
-        steps, losses, bpbs = zip(*val)
-        ax_loss.plot(steps, losses, "o-", label="val loss")
-        ax_bpb.plot(steps, bpbs, "o-", color="C2")
-    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-    ax_loss.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def format_minutes(seconds):
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-class Progress:
-    """The progress bar and the run's time estimate. Speed is measured over the last `window` steps
-    (the first step, which compiles, and evaluations are left out), and the time left is the sooner of
-    the steps' and the budget's end. Once the window is full, one line says when the run will end."""
-
-    def __init__(self, cfg, step, tokens_per_step, budget, enabled, window=20):
-        self.max_steps, self.tokens_per_step, self.budget = cfg.max_steps, tokens_per_step, budget
-        self.step_seconds = deque(maxlen=window)
-        self.skipped_first, self.announced = False, False
-        # Redrawn 10 times a second on a terminal, every 30 s into a log file.
-        self.bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not enabled, dynamic_ncols=True,
-                        unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
-                        mininterval=0.1 if sys.stderr.isatty() else 30)
-
-    def update(self, step, seconds, loss, lr):
-        """Record one finished step; returns the recent tokens per second (None until it is known)."""
-        tok_s = None
-        if self.skipped_first:
-            self.step_seconds.append(seconds)
-            tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
-            step_s = sum(self.step_seconds) / len(self.step_seconds)
-            by_steps = (self.max_steps - step) * step_s if self.max_steps else math.inf
-            left = min(by_steps, self.budget.seconds_left())
-            self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left",
-                                     refresh=False)  # drawn by update() below, at most every mininterval
-            if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
-                self.announced = True
-                end = time.strftime("%H:%M", time.localtime(time.time() + left))
-                steps = (f"{self.max_steps:,} steps, plus evaluations" if left == by_steps
-                         else f"about {step + left / step_s:,.0f} steps (--max_minutes)")
-                self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}, at {end}, "
-                           f"after {steps}")
-        self.skipped_first = True
-        self.bar.update(1)
-        return tok_s
-
-    def write(self, line):
-        if not self.bar.disable:
-            self.bar.write(line)
-
-    def close(self):
-        self.bar.close()
-
-
-@dataclass
-class Stage:
-    """What one training stage's steps read: its rows, in an order that starts over at the step the stage
-    began, with the loss on every token for its first all_tokens_rows rows (then on --loss_on's)."""
-    name: str  # "knowledge" or "chat"
-    rows: object  # MixedRows
-    first_step: int
-    all_tokens_rows: float
-
-
-def current_stage(chat_rows, knowledge_rows, cfg, chat_start):
-    """The stage a run is in: knowledge until the chat stage starts (at step chat_start, or never yet: None)."""
+def stage_at(step, chat_start, chat_rows, knowledge_rows, cfg, world_size):
+    """(stage name, its rows, the step counted from the stage's start, loss_on) for this step. The knowledge
+    stage puts the loss on every token. So does the chat stage for its first cfg.all_tokens_epochs passes
+    over the data: while the data is new, every token teaches English; after that, the replies teach
+    answering (--loss_on)."""
     if chat_start is None:
-        return Stage("knowledge", knowledge_rows, 0, math.inf)
-    return Stage("chat", chat_rows, chat_start, cfg.all_tokens_epochs * chat_rows.n_rows)
+        return "knowledge", knowledge_rows, step, "all"
+    stage_step = step - chat_start
+    rows_seen = stage_step * cfg.grad_accum * world_size * cfg.batch_size
+    return "chat", chat_rows, stage_step, "all" if rows_seen < cfg.all_tokens_epochs * chat_rows.n_rows else cfg.loss_on
 
 
-def chat_stage_starts(chat_start, knowledge_rows, progress, cfg):
-    """Whether the chat stage begins now: at once without knowledge data, else when the knowledge stage has
-    had its share (--pretrain_fraction) of the steps or of the time."""
-    return chat_start is None and (knowledge_rows is None or progress >= cfg.pretrain_fraction)
-
-
-def train_step(model, optimizers, stage, step, progress, cfg, rank, world_size, device, ctx, scaler=None):
-    """One optimizer step: grad_accum micro-batches of the stage's rows forward and backward, clip, step.
-    Returns (loss, lr). `progress` (0 to 1, from Budget) sets the learning rate.
-    Under DDP, gradients are all-reduced only on the last micro-batch (no_sync before it). Under float16
-    the scaler multiplies the loss so that small gradients do not round to zero, and skips a step whose
-    gradients overflowed; for bfloat16 and float32 it is switched off and changes nothing."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    lr = get_lr(step, progress, cfg)
-    for group in (group for optimizer in optimizers for group in optimizer.param_groups):
-        group["lr"] = lr
-    # Curriculum: while the data is new, every token teaches English; after that, the replies teach answering.
-    stage_step = step - stage.first_step
-    all_tokens = stage_step * cfg.grad_accum * world_size * cfg.batch_size < stage.all_tokens_rows
-    step_loss = 0.0
-    for micro in range(cfg.grad_accum):
-        rows = training_rows(stage_step, micro, cfg, rank, world_size, stage.rows.n_rows)
-        x, y = stage.rows.get(rows, loss_on="all" if all_tokens else None)
-        x, y = x.to(device), y.to(device)
-        sync = world_size == 1 or micro == cfg.grad_accum - 1
-        with (nullcontext() if sync else model.no_sync()), ctx:
+def train_step(model, optimizers, scaler, batches, grad_clip, ctx):
+    """One optimizer step over the micro-batches [(x, y), ...]: forward and backward each, then clip the
+    gradient and step. Returns the mean loss. Under DDP, gradients are all-reduced on the last micro-batch
+    only (no_sync before it). Under float16 the scaler multiplies the loss so that small gradients do not
+    round to zero, and skips a step whose gradients overflowed; for bf16 and fp32 it does nothing."""
+    mean_loss = 0.0
+    for i, (x, y) in enumerate(batches):
+        last = i == len(batches) - 1
+        with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()), ctx:
             _, loss = model(x, y)
-        scaler.scale(loss / cfg.grad_accum).backward()
-        step_loss += loss.item() / cfg.grad_accum
-    if cfg.grad_clip > 0:
+        scaler.scale(loss / len(batches)).backward()
+        mean_loss += loss.item() / len(batches)
+    if grad_clip > 0:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for optimizer in optimizers:
         scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     scaler.update()
-    return step_loss, lr
+    return mean_loss
 
 
-@dataclass
-class Run:
-    """What the parts of one training run share: its configs, where it runs, and its data."""
-    cfg: TrainConfig
-    model_config: GPTConfig
-    device: str
-    dtype: str
-    rank: int = 0
-    world_size: int = 1
-    data: PreparedData = None
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def log(self, *args):
-        if self.master:
-            print(*args)
-
-
-def setup_run(cfg, model_config):
-    """Check the flags, pick the device, find the checkpoint to resume and prepare the data. Returns
-    (run, checkpoint dict or None, its path or None)."""
-    check_train_config(cfg)
-    check_model_config(model_config)
-    check_out_dir(cfg.out_dir)
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    rank, world_size, device = setup_distributed(device)
-    resume_path = resolve_resume(cfg)
-    ckpt = load_checkpoint(resume_path)[2] if resume_path else None
-    if ckpt is not None and "optimizers" not in ckpt:
-        raise UserError(f"--resume: {resume_path} holds weights only (a release model): it cannot be resumed")
-    resumed_tokenizer = None
-    if ckpt is not None:  # a resumed run continues the checkpoint's architecture, tokenizer and budget
-        model_config = model_config_from(ckpt["model_config"])
-        if not cfg.max_minutes and ckpt["train_config"].get("max_minutes"):
-            for name in ("max_minutes", "max_steps", "decay_fraction"):
-                setattr(cfg, name, ckpt["train_config"][name])
-        resumed_tokenizer = ckpt["tokenizer"] | {"dir": str(resume_path.parent)}
-    run = Run(cfg, model_config, device, dtype, rank, world_size)
-    run.data = prepare_data(cfg, model_config.vocab_size, rank, world_size, run.log, resumed_tokenizer)
-    if ckpt is not None and ckpt["texts_sha256"] != run.data.texts["sha256"]:
-        raise UserError(f"--resume: {resume_path} was trained on other data than {cfg.texts}; "
-                        f"use the same --data and --texts to continue it")
-    model_config.vocab_size = run.data.tokenizer.get_vocab_size()
-    return run, ckpt, resume_path
-
-
-def build_model(run, ckpt, resume_path, size_note=""):
-    """The model (uncompiled: what is saved and evaluated), its optimizers, the float16 loss scaler (off
-    for other dtypes) and the step to start at."""
-    torch.manual_seed(run.cfg.seed)
-    model = GPT(run.model_config).to(run.device)
-    optimizers = configure_optimizers(model, run.cfg, run.device)
-    scaler = torch.amp.GradScaler(run.device.split(":")[0], enabled=run.dtype == "float16")
-    step = restore_training_state(ckpt, model, optimizers, scaler, resume_path) if ckpt else 0
-    size_note = "the checkpoint's" if ckpt else size_note
-    run.log(f"model: {run.model_config.n_layer} x {run.model_config.n_embd} ({model.num_params() / 1e6:.2f}M "
-            f"parameters), {size_note}: {asdict(run.model_config)}, batch {run.cfg.batch_size}")
-    return model, optimizers, scaler, step
-
-
-def wrap_for_training(model, run, compile_model):
-    """torch.compile and DDP wrap the model that the training step runs; the raw one stays for saving."""
-    if compile_model:
-        model = torch.compile(model)
-    if run.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    return model
-
-
-def should_compile(run):
-    if run.cfg.compile and run.device == "mps":
-        run.log("torch.compile is not used on MPS: it has not been measured to work there")
-        return False
-    if run.cfg.compile:
-        run.log("compiling the model (about 40 s the first time; --no-compile skips it)")
-    return run.cfg.compile
-
-
-def train_step_or_fall_back(trained, model, run, optimizers, scaler, stage, step, progress, ctx):
-    """train_step on the compiled model. If compilation fails (no working C++ compiler, an unsupported
-    platform), say so in one line and take the step again without it. Returns (loss, lr, trained model)."""
-    args = (optimizers, stage, step, progress, run.cfg, run.rank, run.world_size, run.device, ctx, scaler)
-    if (trained.module if run.world_size > 1 else trained) is model:  # not compiled: nothing to fall back from
-        return (*train_step(trained, *args), trained)
-    rng = rng_state()
-    try:
-        return (*train_step(trained, *args), trained)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
-        run.log(f"torch.compile failed ({reason}); training without it (--no-compile skips the attempt)")
-        set_rng_state(rng)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        trained = wrap_for_training(model, run, compile_model=False)
-        return (*train_step(trained, *args), trained)
-
-
-def training_loop(run, model, optimizers, scaler, step, last_eval, chat_start, budget, stop):
-    """Each step in order: (stage switch) -> evaluate -> checkpoint -> train step -> log.
-    Returns (last step, saved path)."""
-    cfg, master = run.cfg, run.master
-    trained = wrap_for_training(model, run, should_compile(run))
-    chat_rows, knowledge_rows, val_rows = packed_splits(run.data, run.model_config, cfg)
+def train(cfg, model_config, size_note="", clock=time.monotonic):
+    """One training run, from flags to checkpoints; returns the exit status (130 after Ctrl-C). Each step,
+    in order: (the stage switch) -> evaluate -> checkpoint -> micro-batches -> clip -> step -> log."""
+    run = start_run(cfg, model_config, size_note)
+    chat_rows, knowledge_rows, val_rows = packed_splits(run.data, run.model.config.block_size, cfg)
     byte_lengths = torch.from_numpy(token_byte_lengths(run.data.tokenizer)).to(run.device)
-    ctx = autocast_context(run.device, run.dtype)
-    metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model_config.block_size
-    bar = Progress(cfg, step, tokens_per_step, budget, enabled=master)
-    first_step, saved = step, None
-    try:
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
+    resumed = run.resumed
+    step = first_step = resumed.get("step", 0)
+    chat_start = resumed["chat_start_step"] if resumed else None  # None: in the knowledge stage
+    last_eval = {key: resumed.get(key) for key in ("val_loss", "val_bpb")}
+    budget, saved = Budget(cfg, spent_s=resumed.get("elapsed_s", 0.0), clock=clock), None
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model.config.block_size
+    with StopRequest() as stop, Progress(cfg, step, tokens_per_step, budget, enabled=run.master) as bar:
         while True:
-            progress, stop_requested = max_over_ranks([budget.progress(step), float(stop.requested)],
-                                                      run.world_size, run.device)
-            last_step, stopping = progress >= 1.0, stop_requested > 0
-            if chat_stage_starts(chat_start, knowledge_rows, progress, cfg):
+            progress, stopping = max_over_ranks([budget.progress(step), float(stop.requested)], run.world_size,
+                                                run.device)
+            last_step, stopping = progress >= 1.0, stopping > 0
+            if chat_start is None and (knowledge_rows is None or progress >= cfg.pretrain_fraction):
                 chat_start = step
                 if knowledge_rows is not None:
                     bar.write(f"step {step}: the knowledge stage ends, the chat stage begins")
-            stage = current_stage(chat_rows, knowledge_rows, cfg, chat_start)
+            stage, rows, stage_step, loss_on = stage_at(step, chat_start, chat_rows, knowledge_rows, cfg,
+                                                        run.world_size)
             eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
-                val_loss, val_bpb = evaluate(model, val_rows, byte_lengths, cfg, ctx, run.device)
+                val_loss, val_bpb = evaluate(run.model, val_rows, byte_lengths, cfg, run.ctx, run.device)
                 last_eval = {"val_loss": val_loss, "val_bpb": val_bpb}
-                if master:
-                    write_metrics(metrics_path, {"step": step, **last_eval, "elapsed_s": round(budget.elapsed(), 1)})
+                if run.master:
+                    write_metrics(metrics, {"step": step, **last_eval, "elapsed_s": round(budget.elapsed(), 1)})
                 bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
-            if master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
-                state = checkpoint_state(model, optimizers, scaler, run.model_config, cfg, run.data, step,
-                                         last_eval, budget.elapsed(), chat_start)
+            if run.master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
+                state = checkpoint_state(run.model, run.optimizers, run.scaler, cfg, run.data, step, **last_eval,
+                                         elapsed_s=budget.elapsed(), chat_start_step=chat_start)
                 saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
             if last_step or stopping:
                 break
             if step % cfg.eval_interval == 0:  # the final evaluation and checkpoint will take about as long
                 budget.reserve_s = budget.clock() - eval_started
 
-            step_started = time.time()
-            loss, lr, trained = train_step_or_fall_back(trained, model, run, optimizers, scaler, stage, step,
-                                                        progress, ctx)
+            step_started, lr = time.time(), get_lr(step, progress, cfg)
+            for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
+                group["lr"] = lr
+            batches = [rows.get(training_rows(stage_step, micro, cfg, run.rank, run.world_size, rows.n_rows), loss_on)
+                       for micro in range(cfg.grad_accum)]
+            batches = [(x.to(run.device), y.to(run.device)) for x, y in batches]
+            loss = train_step(run.trained, run.optimizers, run.scaler, batches, cfg.grad_clip, run.ctx)
             if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
                 last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
                 raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
                                 f"({last_good}); try a lower --lr or --dtype float32")
             step += 1
             tok_per_s = bar.update(step, time.time() - step_started, loss, lr)
-            if master and step % cfg.log_interval == 0:
-                write_metrics(metrics_path, {"step": step, "stage": stage.name, "train_loss": loss, "lr": lr,
-                                             "tok_per_s": round(tok_per_s or 0),
-                                             "elapsed_s": round(budget.elapsed(), 1)})
-    finally:  # an error mid-run must not print on the bar's line
-        bar.close()
-    return step, saved
+            if run.master and step % cfg.log_interval == 0:
+                write_metrics(metrics, {"step": step, "stage": stage, "train_loss": loss, "lr": lr,
+                                        "tok_per_s": round(tok_per_s or 0), "elapsed_s": round(budget.elapsed(), 1)})
+    return finish_run(run, saved, stop.requested, step, budget)
 
 
-def train(cfg, model_config, size_note="", clock=time.monotonic):
-    """One training run, from flags to checkpoints; returns the exit status (130 after Ctrl-C)."""
-    run, ckpt, resume_path = setup_run(cfg, model_config)
-    model, optimizers, scaler, step = build_model(run, ckpt, resume_path, size_note)
-    run.log(f"training on {run.device} ({run.dtype}, {run.world_size} process{'es' * (run.world_size > 1)})"
-            + (f", resuming from {resume_path} at step {step}" if ckpt else "")
-            + (f", for {cfg.max_minutes:g} minutes: the schedule follows the clock" if cfg.max_minutes else ""))
-    budget = Budget(cfg, spent_s=(ckpt or {}).get("elapsed_s", 0.0), clock=clock)
-    with StopRequest() as stop:
-        last_eval = {key: (ckpt or {}).get(key) for key in ("val_loss", "val_bpb")}
-        chat_start = ckpt.get("chat_start_step", 0) if ckpt else None  # older checkpoints had one stage
-        end_step, saved = training_loop(run, model, optimizers, scaler, step, last_eval, chat_start, budget, stop)
+def finish_run(run, saved, interrupted, step, budget):
+    """Plot the losses, say how the run ended, and return the exit status."""
     if run.master:
-        plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
+        plot_metrics(Path(run.cfg.out_dir) / "metrics.jsonl", Path(run.cfg.out_dir) / "loss.png")
         if saved:
-            run.log(f"saved {saved}; loss curve in {Path(cfg.out_dir) / 'loss.png'}")
+            run.log(f"saved {saved}; loss curve in {Path(run.cfg.out_dir) / 'loss.png'}")
     if run.world_size > 1:
         torch.distributed.destroy_process_group()
-    if stop.requested:
+    if interrupted:
         run.log("interrupted: checkpoint saved; continue with --resume")
         return 130
-    if cfg.max_minutes:
-        run.log(f"the {cfg.max_minutes:g}-minute budget ended at step {end_step}, after "
+    if run.cfg.max_minutes:
+        run.log(f"the {run.cfg.max_minutes:g}-minute budget ended at step {step}, after "
                 f"{format_minutes(budget.elapsed())}")
     return 0
 
-
 # -----------------------------------------------------------------------------
-# Command line: every GPTConfig and TrainConfig field is a flag of the same name.
+# Command line: every GPTConfig and TrainConfig field is a flag of the same name
 
 
-def positive_or_zero(kind):
+def non_negative(kind):
     def parse(text):
-        value = kind(text)
-        if value < 0:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}")
+        if not value >= 0:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
 
 
+def field_default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train TinyGPT, a small chat GPT, on OASST-style data.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every flag defaults to None, meaning "not given": configs_from_args fills in the rest."""
+    parser = argparse.ArgumentParser(description="Train TinyGPT, a small chat GPT, on OASST-style data.")
     for config_class in (GPTConfig, TrainConfig):
         group = parser.add_argument_group(config_class.__name__)
         for f in dataclasses.fields(config_class):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs = {"default": default, "help": f.metadata["help"]}
+            default = field_default(f)
+            kwargs = {"help": f"{f.metadata['help']} (default: {default})".replace("%", "%%")}
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             if isinstance(default, bool):
@@ -1982,11 +1224,13 @@ def build_parser():
             elif f.name == "resume":
                 kwargs.update(nargs="?", const="latest")
             elif isinstance(default, (int, float)):
-                kwargs["type"] = positive_or_zero(type(default))
+                kwargs["type"] = non_negative(type(default))
             group.add_argument(f"--{f.name}", **kwargs)
     parser.add_argument("--recipe", choices=list(RECIPES), default="default",
-                        help="a named set of defaults: 'seed' is the original project's configuration")
-    parser.add_argument("--depth", type=positive_or_zero(int), default=0,
+                        help="a named set of defaults: 'seed' reproduces the original project (4 layers x 4 "
+                             "heads x 256 dims, learned positions, GELU, AdamW, fp32), the baseline of every "
+                             "comparison in bench/RESULTS.md")
+    parser.add_argument("--depth", type=non_negative(int), default=0,
                         help="model size in one number: N blocks of 64*N dims (in 128-dim heads), with the context "
                              "and batch to match (0: the size measured best for the device and --max_minutes)")
     parser.add_argument("--release", metavar="RUN", default="",
@@ -1995,55 +1239,60 @@ def build_parser():
     return parser
 
 
-def explicit_flags(argv):
-    """The names of the flags given on the command line (not filled in from a default)."""
-    parser, unset = build_parser(), object()
-    parser.set_defaults(**{name: unset for name in vars(parser.parse_args([]))})
-    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
-
-
 def parse_args(argv=None):
-    """The flags, then the recipe's defaults, then the size dial's, each only where nothing more specific
-    was given. args.size_note says how the size was chosen."""
-    parser = build_parser()
-    recipe = parser.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**RECIPES[recipe])
-    args = parser.parse_args(argv)
-    given = explicit_flags(argv) | set(RECIPES[recipe])
-    if args.max_minutes and "max_steps" not in given:
-        args.max_steps = 0  # the budget alone ends the run
-    if args.max_minutes and "decay_fraction" not in given:
-        args.decay_fraction = BUDGET_DECAY_FRACTION
-    device_type = pick_device(args.device).split(":")[0]
-    depth = args.depth or auto_depth(device_type, args.max_minutes)
-    size = size_for_depth(depth, device_type)
-    for name, value in size.items():
-        if name not in given:
-            setattr(args, name, value)
-    budget = f" and a {args.max_minutes:g}-minute budget" if args.max_minutes else ""
-    how = "from --depth" if args.depth else f"chosen for {device_type}{budget}; --depth overrides"
-    flags = ", ".join(f"--{name}" for name in size if name in given)
-    args.size_note = "as given" if {"n_layer", "n_head", "n_embd"} <= given and not args.depth else \
-        f"depth {depth}, {how}" + (f" ({flags} as given)" if flags else "")
-    return args
+    return build_parser().parse_args(argv)
 
 
 def configs_from_args(args):
-    values = vars(args)
-    model_config = GPTConfig(**{f.name: values[f.name] for f in dataclasses.fields(GPTConfig)})
-    train_config = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
-    return model_config, train_config
+    """(GPTConfig, TrainConfig, size note). Each field comes from the first of: its flag; the checkpoint
+    being resumed; the recipe; the size dial (--depth, or the depth measured best for the device and
+    budget); a time budget's own defaults (no step limit, a later decay); the dataclass default."""
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    resumed = {}
+    if args.resume:  # a resumed run keeps its architecture, and its sources and schedule unless told otherwise
+        path, ckpt = resume_checkpoint(given.get("out_dir", "ckpt"), args.resume)
+        given["resume"] = str(path)
+        resumed = ckpt["model_config"] | {name: value for name, value in ckpt["train_config"].items()
+                                          if name not in ("resume", "out_dir")}
+        given = {name: value for name, value in given.items() if name not in ckpt["model_config"]}
+    device_type = pick_device(given.get("device", "auto")).split(":")[0]
+    max_minutes = given.get("max_minutes", resumed.get("max_minutes", 0.0))
+    depth = args.depth or auto_depth(device_type, max_minutes)
+    size = size_for_depth(depth, device_type)
+    budget = {"max_steps": 0, "decay_fraction": BUDGET_DECAY_FRACTION} if max_minutes else {}
+    layers = [given, resumed, RECIPES[args.recipe], size, budget]
+
+    def value(f):
+        return next((layer[f.name] for layer in layers if f.name in layer), field_default(f))
+    model_config = GPTConfig(**{f.name: value(f) for f in dataclasses.fields(GPTConfig)})
+    train_config = TrainConfig(**{f.name: value(f) for f in dataclasses.fields(TrainConfig)})
+    return model_config, train_config, size_note(args, given, resumed, depth, device_type, max_minutes)
+
+
+def size_note(args, given, resumed, depth, device_type, max_minutes):
+    """How the model's size was chosen, for the run's first lines."""
+    if resumed:
+        return "the checkpoint's"
+    chosen = {name for name in size_for_depth(depth, device_type) if name in given or name in RECIPES[args.recipe]}
+    if {"n_layer", "n_head", "n_embd"} <= chosen and not args.depth:
+        return "as given"
+    budget = f" and a {max_minutes:g}-minute budget" if max_minutes else ""
+    how = "from --depth" if args.depth else f"chosen for {device_type}{budget}; --depth overrides"
+    flags = ", ".join(f"--{name}" for name in size_for_depth(depth, device_type) if name in chosen)
+    return f"depth {depth}, {how}" + (f" ({flags} as given)" if flags else "")
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
         if args.release:
-            path = write_release(args.release, RELEASE_DIR)
-            print(f"release model: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+            path = checkpoint_file(args.release)
+            _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
+            release = write_release(path, ckpt, RELEASE_DIR)
+            print(f"release model: {release} ({release.stat().st_size / 2**20:.1f} MiB)")
             return 0
-        model_config, train_config = configs_from_args(args)
-        return train(train_config, model_config, args.size_note)
+        model_config, train_config, note = configs_from_args(args)
+        return train(train_config, model_config, note)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

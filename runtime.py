@@ -1,0 +1,283 @@
+"""
+The plumbing of a training run that newgpt.py uses but a learner need not read first: one-line user
+errors, atomic file writes, finding checkpoint files and saying what is wrong with a damaged one, the
+release model's file, data-parallel processes (torchrun), Ctrl-C, the progress bar and the loss plot.
+Nothing here knows the model: newgpt.py imports this module, never the other way round.
+"""
+
+import ctypes
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename the temp file over `path`: a kill mid-write never leaves a
+    half-written file under the real name, and never damages the previous version."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def keep_freed_memory():
+    """Tell glibc to keep freed memory in the process's heap. By default it serves big blocks (the 64 MB
+    logits, their gradient) with fresh mmap pages and unmaps them on free, so every training step
+    page-faults them in again: a (4096, 256) @ (256, 8192) bf16 matmul then takes 26 ms instead of 7. This
+    changes the allocator of the whole process, so only a training run started from the command line calls
+    it (newgpt.py's __main__), never an import of this module into a chat, a server or a notebook."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator behaves differently
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files (what is inside them, and load_checkpoint, are in newgpt.py)
+
+# The release model, trained by this repo and committed with it (bench/RESULTS.md, "The release model"), so
+# that chat works right after a clone; python newgpt.py --release RUN_DIR replaces it.
+RELEASE_DIR = Path(__file__).resolve().parent / "ckpt" / "release"
+RELEASE_FILE = "tinygpt.pt"
+
+
+def checkpoint_paths(out_dir):
+    return sorted(Path(out_dir).glob("gpt_step*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint named by out_dir/latest, or else the highest-numbered gpt_step*.pt."""
+    pointer = Path(out_dir) / "latest"
+    if pointer.is_file():
+        named = Path(out_dir) / pointer.read_text().strip()
+        if named.is_file():
+            return named
+    found = checkpoint_paths(out_dir)
+    return found[-1] if found else None
+
+
+def why_unreadable(path, error):
+    """What is wrong with a file torch.load could not read, in words a user can act on."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not is_zip:
+        return "is not a PyTorch checkpoint at all"
+    if "weights_only" in str(error) or "Unpickl" in type(error).__name__:
+        return ("holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT "
+                "checkpoint")
+    return f"is truncated or damaged ({size:,} bytes; was it copied or saved completely?)"
+
+
+def checkpoint_file(path):
+    """A checkpoint file as given, or the newest one in a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
+        path = found
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def release_state(ckpt):
+    """What a shipped model needs: bf16 weights (half of fp32; the chat runs them in fp32 or bf16 anyway)
+    and what chat and export_hf.py read. No optimizer, scaler or RNG state: a release cannot be resumed."""
+    weights, converted = {}, {}
+    for name, t in ckpt["model"].items():
+        key = (t.data_ptr(), t.shape)  # the tied embedding and output layer: converted once, saved once
+        if key not in converted:
+            converted[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
+        weights[name] = converted[key]
+    kept = ("model_config", "train_config", "step", "elapsed_s", "val_loss", "val_bpb", "tokenizer",
+            "texts_sha256", "chat_start_step")
+    return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}
+
+
+def write_release(path, ckpt, out_dir):
+    """Replace the release model in out_dir with checkpoint file `path` (ckpt: its loaded, checked dict),
+    its tokenizer beside it; returns the new file's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_name = ckpt["tokenizer"]["file"]
+    atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(path.parent / tokenizer_name, tmp))
+    release = out_dir / RELEASE_FILE
+    atomic_write(release, lambda tmp: torch.save(release_state(ckpt), tmp))
+    atomic_write(out_dir / "latest", lambda tmp: tmp.write_text(RELEASE_FILE + "\n"))
+    for old in out_dir.glob("tokenizer-*.json"):  # only once the new release is in place
+        if old.name != tokenizer_name:
+            old.unlink()
+    return release
+
+
+# -----------------------------------------------------------------------------
+# Processes: torchrun's ranks and Ctrl-C
+
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop after the current step; a second one
+    interrupts at once. Used as a context manager, it puts the previous handlers back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE; then one process per rank, gloo on CPU and nccl on CUDA."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
+def rank_zero_print(rank):
+    """print for rank 0, and a function that prints nothing for the others: each line shows once."""
+    return print if rank == 0 else lambda *args, **kwargs: None
+
+
+def barrier(world_size):
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def max_over_ranks(values, world_size, device):
+    """Each value's maximum over the ranks. All ranks must stop at the same step (or DDP would hang
+    waiting for the one that left) and take the same learning rate, though their clocks differ."""
+    if world_size == 1:
+        return values
+    shared = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+    return shared.tolist()
+
+
+# -----------------------------------------------------------------------------
+# What a run shows: metrics, the loss plot and the progress bar
+
+
+def write_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_metrics(metrics_path, png_path):
+    """Train and val loss, and val bits per byte, against step, from the metrics log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in open(metrics_path)]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if "val_loss" in r]
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss", alpha=0.7)
+    if val:
+        steps, losses, bpbs = zip(*val)
+        ax_loss.plot(steps, losses, "o-", label="val loss")
+        ax_bpb.plot(steps, bpbs, "o-", color="C2")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_bpb.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def format_minutes(seconds):
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class Progress:
+    """The progress bar and the run's time estimate. Speed is measured over the last `window` steps
+    (the first step, which compiles, and evaluations are left out), and the time left is the sooner of
+    the steps' and the budget's end. Once the window is full, one line says when the run will end."""
+
+    def __init__(self, cfg, step, tokens_per_step, budget, enabled, window=20):
+        self.max_steps, self.tokens_per_step, self.budget = cfg.max_steps, tokens_per_step, budget
+        self.step_seconds = deque(maxlen=window)
+        self.skipped_first, self.announced = False, False
+        # Redrawn 10 times a second on a terminal, every 30 s into a log file.
+        self.bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not enabled, dynamic_ncols=True,
+                        unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                        mininterval=0.1 if sys.stderr.isatty() else 30)
+
+    def update(self, step, seconds, loss, lr):
+        """Record one finished step; returns the recent tokens per second (None until it is known)."""
+        tok_s = None
+        if self.skipped_first:
+            self.step_seconds.append(seconds)
+            tok_s = self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
+            step_s = sum(self.step_seconds) / len(self.step_seconds)
+            by_steps = (self.max_steps - step) * step_s if self.max_steps else math.inf
+            left = min(by_steps, self.budget.seconds_left())
+            self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, {format_minutes(left)} left",
+                                     refresh=False)  # drawn by update() below, at most every mininterval
+            if not self.announced and len(self.step_seconds) == self.step_seconds.maxlen:
+                self.announced = True
+                end = time.strftime("%H:%M", time.localtime(time.time() + left))
+                steps = (f"{self.max_steps:,} steps, plus evaluations" if left == by_steps
+                         else f"about {step + left / step_s:,.0f} steps (--max_minutes)")
+                self.write(f"speed: {tok_s:,.0f} tok/s; the run will end in about {format_minutes(left)}, at {end}, "
+                           f"after {steps}")
+        self.skipped_first = True
+        self.bar.update(1)
+        return tok_s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):  # also on an error: its line must not be printed on the bar's
+        self.close()
+
+    def write(self, line):
+        if not self.bar.disable:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+
