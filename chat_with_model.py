@@ -6,7 +6,6 @@ whole conversation (rendered with the same function that rendered its training d
     python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
     python chat_with_model.py --prompt "What is a llama?"
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
-    python chat_with_model.py --serve                  # a web page and an OpenAI-compatible API (serve.py)
 
 Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling applies a
 CTRL-style repetition penalty, then temperature (0 means greedy), top-k and top-p (nucleus) filtering,
@@ -17,16 +16,19 @@ across tokens is never printed broken. The model, the chat format and load_check
 import argparse
 import codecs
 import dataclasses
+import math
+import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from newgpt import (KVCache, UserError, autocast_context, default_checkpoint, load_checkpoint, make_conversation,
-                    pick_device, pick_dtype, render_conversations, token_bytes)
+from data import make_conversation
+from newgpt import (KVCache, autocast_context, default_checkpoint, load_checkpoint, pick_device, pick_dtype,
+                    render_conversations, token_bytes)
+from runtime import UserError
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -43,21 +45,27 @@ class SamplingConfig:
     seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
 
 
+MAX_SEED = 2 ** 64 - 1  # the largest seed torch.Generator takes
+
+
 def check_sampling(config):
-    """Every bad value, in words a user can act on; empty when all is well."""
+    """Every bad value, in words a user can act on; empty when all is well. The comparisons are written
+    so that NaN fails them too."""
     problems = []
-    if config.temperature < 0:
-        problems.append("temperature must be >= 0")
-    if config.top_k < 0:
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        problems.append("temperature must be a finite number >= 0")
+    if not config.top_k >= 0:
         problems.append("top_k must be >= 0")
     if not 0 < config.top_p <= 1:
         problems.append("top_p must be in (0, 1]")
-    if config.repetition_penalty < 1:
-        problems.append("repetition_penalty must be >= 1")
-    if config.repetition_window < 0:
+    if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty >= 1):
+        problems.append("repetition_penalty must be a finite number >= 1")
+    if not config.repetition_window >= 0:
         problems.append("repetition_window must be >= 0")
-    if config.max_new_tokens < 1:
+    if not config.max_new_tokens >= 1:
         problems.append("max_new_tokens must be >= 1")
+    if not 0 <= config.seed <= MAX_SEED:
+        problems.append(f"seed must be between 0 and {MAX_SEED}")
     return problems
 
 
@@ -108,7 +116,7 @@ def window_start(n_tokens, start, block_size):
     return start
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: about 10% faster per token than no_grad here
+@torch.inference_mode()  # no autograd bookkeeping at all, which no_grad still keeps: faster per token
 def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None):
     """Yield new token ids one at a time until a stop id (yielded too) or config.max_new_tokens.
     With use_cache, the context is prefilled once and each step feeds only the newest token; without
@@ -337,60 +345,60 @@ def repl(chat, interactive, show_speed):
             out.write("\n")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description="Chat with a TinyGPT checkpoint.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_arguments(parser):
+    """The flags that pick the checkpoint, the device and the sampling: shared with serve.py."""
     parser.add_argument("--ckpt", help="checkpoint file, or a directory to take the newest from (default: the "
                                        "newest in ckpt/, else the release model shipped in ckpt/release/)")
-    parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: float32 on CPU (one-token steps are about 2x faster than under bf16 "
-                             "autocast, which re-casts every weight at every step), bf16 on CUDA")
-    parser.add_argument("--show_speed", action="store_true", help="print tokens per second after each answer")
+                        help="auto: float32 on CPU (a one-token step under bf16 autocast re-casts every weight, "
+                             "which costs more than it saves), bf16 on CUDA")
     for f in dataclasses.fields(SamplingConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    server = parser.add_argument_group("server (serve.py)")
-    server.add_argument("--serve", action="store_true", help="serve a chat page and an OpenAI-compatible API")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
-    server.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def load_chat(args):
+    """(Chat, checkpoint path, checkpoint dict) for the parsed flags, or a UserError naming what is wrong."""
+    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+    problems = check_sampling(sampling)
+    if problems:
+        raise UserError("; ".join(problems))
+    device = pick_device(args.device)
+    path = args.ckpt or default_checkpoint()
+    model, tokenizer, ckpt = load_checkpoint(path, device)
+    dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
+    chat = Chat(model.eval(), tokenizer, sampling, device, dtype)
+    chat.system = args.system
+    return chat, path, ckpt
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Chat with a TinyGPT checkpoint in the terminal (the web page "
+                                                 "and the API: serve.py).")
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--show_speed", action="store_true", help="print tokens per second after each answer")
     return parser
-
-
-def model_name(path, ckpt):
-    """A model id for the API: the run's folder and the step, e.g. 'release-step24131'."""
-    folder = Path(path).resolve()
-    folder = folder.parent if folder.is_file() else folder
-    return f"{folder.name}-step{ckpt['step']}"
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
     try:
-        problems = check_sampling(sampling)
-        if problems:
-            raise UserError("; ".join(problems))
-        device = pick_device(args.device)
-        path = args.ckpt or default_checkpoint()
-        model, tokenizer, ckpt = load_checkpoint(path, device)
-        dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
-        chat = Chat(model.eval(), tokenizer, sampling, device, dtype)
-        chat.system = args.system
-        if args.serve:
-            import serve  # only the server needs FastAPI and uvicorn
-            return serve.serve(chat, model_name(path, ckpt), sampling, args.host, args.port, args.api_key)
-        interactive = args.prompt is None and sys.stdin.isatty()
+        if args.prompt is not None and not args.prompt.strip():
+            raise UserError("--prompt is empty: give the message to answer")
+        chat, path, ckpt = load_chat(args)
         if args.prompt is not None:
             stream_answer(chat, args.prompt, sys.stdout, args.show_speed)
             return 0
+        interactive = sys.stdin.isatty()
         if interactive:
             enable_line_editing()
             val = ckpt.get("val_loss")
-            print(f"TinyGPT {model.num_params() / 1e6:.1f}M params ({path}), step {ckpt['step']}"
-                  f"{f', val loss {val:.3f}' if val is not None else ''}, on {device}. /help for commands.")
+            print(f"TinyGPT {chat.model.num_params() / 1e6:.1f}M params ({path}), step {ckpt['step']}"
+                  f"{f', val loss {val:.3f}' if val is not None else ''}, on {chat.model.lm_head.weight.device}. "
+                  f"/help for commands.")
         repl(chat, interactive, args.show_speed)
         return 0
     except UserError as e:
@@ -398,6 +406,9 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, without Python's own message at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

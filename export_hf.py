@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from chat_with_model import SamplingConfig
-from newgpt import (ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, UserError, default_checkpoint, load_checkpoint,
-                    split_weight)
+from data import split_weight
+from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, default_checkpoint, load_checkpoint
+from runtime import UserError
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
 END_TOKEN, BOS_TOKEN, PAD_TOKEN = "<|end|>", "<|bos|>", "<|pad|>"
@@ -261,12 +262,13 @@ A small chat model trained from scratch with TinyGPT's `newgpt.py`, exported for
 
 ```python
 from transformers import pipeline
-chat = pipeline("text-generation", model="{out}")
+chat = pipeline("text-generation", model="{Path(out).name}")  # the path to this folder
 print(chat([{{"role": "user", "content": "What is a llama?"}}])[0]["generated_text"][-1]["content"])
 ```
 
 Generation stops at `<|end|>`, the end of a turn. By default it samples with the TinyGPT chat's settings:
-{sampling} (transformers applies the penalty to the whole context, the TinyGPT chat to its last 64 tokens).
+{sampling} (transformers applies the penalty to the whole context, the TinyGPT chat to its last
+{SamplingConfig().repetition_window} tokens).
 
 ## Training data
 

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 import re
 import shutil
 import sys
@@ -47,10 +46,10 @@ import torch.nn.functional as F
 
 from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
                   load_or_build_texts, read_holdout, split_weight)
-from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write, barrier, checkpoint_file,
-                     checkpoint_paths, format_minutes, keep_freed_memory, latest_checkpoint, max_over_ranks,
-                     plot_metrics, rank_zero_print, setup_distributed, why_unreadable, write_metrics,
-                     write_release)
+from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write, barrier, check_out_dir,
+                     checkpoint_file, checkpoint_paths, format_minutes, keep_freed_memory, latest_checkpoint,
+                     max_over_ranks, plot_metrics, rank_zero_print, read_checkpoint, resume_checkpoint,
+                     setup_distributed, write_metrics, write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -849,28 +848,6 @@ def save_checkpoint(state, out_dir, keep_last):
     return path
 
 
-def what_is_wrong(path, device="cpu"):
-    """(checkpoint dict, None), or (None, what is wrong with the file). Loads with weights_only=True: no
-    pickled code runs."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        return None, why_unreadable(path, e)
-    missing = [key for key in ("model", "model_config", "tokenizer", "step")
-               if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        return None, f"is a PyTorch file but not a TinyGPT checkpoint (it has no {missing[0]!r})"
-    return ckpt, None
-
-
-def read_checkpoint(path, device="cpu"):
-    """A checkpoint file's dict, or a UserError that says what is wrong with the file."""
-    ckpt, problem = what_is_wrong(path, device)
-    if problem:
-        raise UserError(f"{path} {problem}; use another checkpoint or train a new one")
-    return ckpt
-
-
 def model_config_from(stored):
     """GPTConfig from a checkpoint's dict. Options that an older version stored switched off are ignored;
     one switched on cannot be rebuilt."""
@@ -917,31 +894,13 @@ def default_checkpoint(out_dir="ckpt"):
                     f"python newgpt.py")
 
 
-def resume_checkpoint(out_dir, resume):
-    """(path, checkpoint dict) to continue from: the file given, or with 'latest' the newest intact
-    checkpoint in out_dir. A damaged newer one (a crash mid-copy, a full disk) is passed over, and a line
-    says so; it stays on disk."""
-    if resume != "latest":
-        path = checkpoint_file(resume)
-        ckpt = read_checkpoint(path)
-    else:
-        newest = latest_checkpoint(out_dir)
-        if newest is None:
-            raise UserError(f"--resume: no checkpoint in {out_dir}/ to resume from")
-        candidates = [newest] + [p for p in reversed(checkpoint_paths(out_dir)) if p != newest]
-        damaged = []
-        for path in candidates:
-            ckpt, problem = what_is_wrong(path)
-            if ckpt is not None:
-                break
-            damaged.append(f"{path.name} {problem}")
-        else:
-            raise UserError(f"--resume: no intact checkpoint in {out_dir}/: {'; '.join(damaged)}")
-        if damaged:
-            print(f"resume: passing over {'; '.join(damaged)}; resuming from {path.name}, the newest intact one")
-    if "optimizers" not in ckpt:
-        raise UserError(f"--resume: {path} holds weights only (a release model): it cannot be resumed")
-    return path, ckpt
+def make_release(source, out_dir):
+    """Make the newest checkpoint of a run (or a checkpoint file) the release model in out_dir."""
+    path = checkpoint_file(source)
+    _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
+    return write_release(path, ckpt, out_dir)
+
+
 
 # -----------------------------------------------------------------------------
 # Training: the setup, one step, and the loop
@@ -962,21 +921,6 @@ def check_train_config(cfg):
                         f"got {cfg.pretrain_fraction}")
     if cfg.stream_tokens < 1:
         raise UserError(f"--stream_tokens must be at least 1, got {cfg.stream_tokens}")
-
-
-def check_out_dir(cfg):
-    """Fail before any work if out_dir cannot be written or already holds another run, without creating it
-    yet: a run that fails later (no network, bad data) leaves nothing behind."""
-    path = Path(cfg.out_dir).absolute()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"cannot write to checkpoint directory {cfg.out_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to checkpoint directory {cfg.out_dir}: {existing} is not writable")
-    found = checkpoint_paths(cfg.out_dir)
-    if found and not cfg.resume:
-        raise UserError(f"{cfg.out_dir}/ already holds checkpoints ({found[-1].name}); pass --resume to "
-                        f"continue them or --out_dir DIR to start a new run")
 
 
 @dataclass
@@ -1005,7 +949,7 @@ def start_run(cfg, model_config, size_note):
     them from the checkpoint being resumed (cfg.resume, found by configs_from_args)."""
     check_train_config(cfg)
     check_model_config(model_config)
-    check_out_dir(cfg)
+    check_out_dir(cfg.out_dir, resuming=bool(cfg.resume))
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     rank, world_size, device = setup_distributed(device)
@@ -1286,9 +1230,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.release:
-            path = checkpoint_file(args.release)
-            _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
-            release = write_release(path, ckpt, RELEASE_DIR)
+            release = make_release(args.release, RELEASE_DIR)
             print(f"release model: {release} ({release.stat().st_size / 2**20:.1f} MiB)")
             return 0
         model_config, train_config, note = configs_from_args(args)

@@ -105,6 +105,70 @@ def checkpoint_file(path):
     return path
 
 
+def try_read_checkpoint(path, device="cpu"):
+    """(checkpoint dict, None), or (None, what is wrong with the file). Loads with weights_only=True: no
+    pickled code runs."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        return None, why_unreadable(path, e)
+    missing = [key for key in ("model", "model_config", "tokenizer", "step")
+               if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        return None, f"is a PyTorch file but not a TinyGPT checkpoint (it has no {missing[0]!r})"
+    return ckpt, None
+
+
+def read_checkpoint(path, device="cpu"):
+    """A checkpoint file's dict, or a UserError that says what is wrong with the file."""
+    ckpt, problem = try_read_checkpoint(path, device)
+    if problem:
+        raise UserError(f"{path} {problem}; use another checkpoint or train a new one")
+    return ckpt
+
+
+def resume_checkpoint(out_dir, resume):
+    """(path, checkpoint dict) to continue from: the file given, or with 'latest' the newest intact
+    checkpoint in out_dir. A damaged newer one (a crash mid-copy, a full disk) is passed over, and a line
+    says so; it stays on disk."""
+    if resume != "latest":
+        path = checkpoint_file(resume)
+        ckpt = read_checkpoint(path)
+    else:
+        newest = latest_checkpoint(out_dir)
+        if newest is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir}/ to resume from")
+        candidates = [newest] + [p for p in reversed(checkpoint_paths(out_dir)) if p != newest]
+        damaged = []
+        for path in candidates:
+            ckpt, problem = try_read_checkpoint(path)
+            if ckpt is not None:
+                break
+            damaged.append(f"{path.name} {problem}")
+        else:
+            raise UserError(f"--resume: no intact checkpoint in {out_dir}/: {'; '.join(damaged)}")
+        if damaged:
+            print(f"resume: passing over {'; '.join(damaged)}; resuming from {path.name}, the newest intact one")
+    if "optimizers" not in ckpt:
+        raise UserError(f"--resume: {path} holds weights only (a release model): it cannot be resumed")
+    return path, ckpt
+
+
+def check_out_dir(out_dir, resuming):
+    """Fail before any work if out_dir cannot be written, or already holds checkpoints that a new run would
+    mix with, without creating it yet: a run that fails later (no network, bad data) leaves nothing behind."""
+    path = Path(out_dir).absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to checkpoint directory {out_dir}: {existing} is not writable")
+    found = checkpoint_paths(out_dir)
+    if found and not resuming:
+        raise UserError(f"{out_dir}/ already holds checkpoints ({found[-1].name}); pass --resume to "
+                        f"continue them or --out_dir DIR to start a new run")
+
+
 def release_state(ckpt):
     """What a shipped model needs: bf16 weights (half of fp32; the chat runs them in fp32 or bf16 anyway)
     and what chat and export_hf.py read. No optimizer, scaler or RNG state: a release cannot be resumed."""

@@ -2,7 +2,7 @@
 Serve a TinyGPT checkpoint: a chat page for the browser and an OpenAI-compatible API for every client that
 already speaks it.
 
-    python chat_with_model.py --serve                 # http://127.0.0.1:8000, the chat's checkpoint and flags
+    python serve.py                                   # http://127.0.0.1:8000, the chat's checkpoint and flags
     python serve.py --ckpt ckpt/release --port 8080 --api_key secret
 
     from openai import OpenAI
@@ -19,6 +19,7 @@ disconnects stops its generation at the next token. Bodies, message counts, max_
 bounded; every error is an OpenAI-style error object, never a 500 with a traceback.
 """
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -35,11 +36,11 @@ from typing import Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from chat_with_model import Chat, SamplingConfig, check_sampling
-from newgpt import UserError
+from chat_with_model import SamplingConfig, add_model_arguments, check_sampling, load_chat
+from runtime import UserError
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -47,7 +48,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @dataclass
 class Limits:
-    max_body_bytes: int = 1_000_000  # a long history is a few tens of kB; the window holds 512 tokens anyway
+    max_body_bytes: int = 1_000_000  # a long history is a few tens of kB; the window holds far fewer tokens
     max_messages: int = 256
     max_tokens: int = 2048
     max_stops: int = 4  # as OpenAI's API
@@ -409,7 +410,7 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
 
 
 # -----------------------------------------------------------------------------
-# Command line: `python chat_with_model.py --serve`, or this file with the same flags
+# Command line: the chat's checkpoint and sampling flags, plus where to listen
 
 
 def listen(host, port):
@@ -426,19 +427,48 @@ def listen(host, port):
     return sock
 
 
-def serve(chat, model_id, defaults, host, port, api_key=""):
-    """Run the server until Ctrl-C."""
-    sock = listen(host, port)
-    bound_port = sock.getsockname()[1]
+def model_name(path, ckpt):
+    """A model id for the API: the run's folder and the step, such as 'release-step16373'."""
+    folder = Path(path).resolve()
+    folder = folder.parent if folder.is_file() else folder
+    return f"{folder.name}-step{ckpt['step']}"
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: use 1 to 65535 (0: any free one)")
+    return port
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Serve a TinyGPT checkpoint: a chat page and an "
+                                                 "OpenAI-compatible API.")
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (0: any free one)")
+    parser.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    return parser
+
+
+def main(argv=None):
+    """Listen, load the model, and serve until Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    try:
+        sock = listen(args.host, args.port)
+        chat, path, ckpt = load_chat(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_id = model_name(path, ckpt)
     where = "loopback only: other machines cannot connect; --host 0.0.0.0 opens it to the network" \
-        if host in LOOPBACK else f"open to the network on {host}" + ("" if api_key else ", with no --api_key")
-    print(f"serving {model_id} on http://{host}:{bound_port} ({where}); Ctrl-C stops", flush=True)
-    app = create_app(chat, model_id, defaults, api_key)
+        if args.host in LOOPBACK else f"open to the network on {args.host}" + ("" if args.api_key else ", with no --api_key")
+    print(f"serving {model_id} on http://{args.host}:{sock.getsockname()[1]} ({where}); Ctrl-C stops", flush=True)
+    app = create_app(chat, model_id, chat.sampling, args.api_key)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
 if __name__ == "__main__":
-    import chat_with_model
-    sys.exit(chat_with_model.main(["--serve", *sys.argv[1:]]))
+    sys.exit(main())

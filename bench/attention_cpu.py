@@ -2,6 +2,7 @@
 
     python bench/attention_cpu.py              # the three kernels below, 12 timed steps each, one process each
     python bench/attention_cpu.py --paired     # sdpa against the written-out kernel, taking turns in one process
+    python bench/attention_cpu.py --tiny       # a smoke run: a tiny model, 2 steps
 
 newgpt.py computes attention with F.scaled_dot_product_attention. An earlier version wrote it out for CPU
 training (softmax(q k^T / sqrt(hs) + causal mask) v, bf16 matmuls, fp32 softmax) because PyTorch's CPU flash
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from runtime import keep_freed_memory  # noqa: E402
 import newgpt  # noqa: E402
 
 KERNELS = {
@@ -57,9 +59,11 @@ class WrittenOutAttention(newgpt.CausalSelfAttention):
         return self.resid_dropout(self.c_proj(y))
 
 
-def build_model(kernel):
+TINY = {"n_layer": 1, "n_head": 1, "n_embd": 64, "block_size": 32, "vocab_size": 320}
+
+
+def build_model(kernel, config):
     torch.manual_seed(0)
-    config = newgpt.GPTConfig()
     model = newgpt.GPT(config)
     if kernel != "sdpa":
         for block in model.transformer.h:
@@ -69,20 +73,27 @@ def build_model(kernel):
 
 
 def train_step(compiled, optimizers, rows, step, cfg, ctx):
-    """newgpt's training step on one process; returns the loss."""
-    return newgpt.train_step(compiled, optimizers, rows, step, step / cfg.max_steps, cfg, 0, 1, "cpu", ctx)[0]
+    """newgpt's training step on the step's rows, on one process; returns the loss."""
+    batch = rows.get(range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return newgpt.train_step(compiled, optimizers, scaler, [batch], cfg.grad_clip, ctx)
 
 
-def run_worker(kernel, steps):
-    newgpt.keep_freed_memory()
-    model = build_model(kernel)
+def random_rows(config, cfg, steps):
+    """Rows of random token ids, every token a target: enough for `steps` steps and the warm-up."""
+    n_tokens = (steps + 4) * cfg.batch_size * config.block_size + 1
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, n_tokens).astype(np.uint16)
+    return newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), config.block_size, loss_on="all")
+
+
+def run_worker(kernel, steps, config):
+    keep_freed_memory()
+    model = build_model(kernel, config)
     cfg = newgpt.TrainConfig()
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
     compiled = torch.compile(model)
     ctx = newgpt.autocast_context("cpu", "bfloat16")
-    n_tokens = (steps + 4) * cfg.batch_size * 512 + 1
-    ids = np.random.default_rng(0).integers(0, 8192, n_tokens).astype(np.uint16)
-    rows = newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), 512, loss_on="all")
+    rows = random_rows(config, cfg, steps)
 
     x, y = rows.get(range(cfg.batch_size))
     with ctx:
@@ -98,22 +109,20 @@ def run_worker(kernel, steps):
         losses.append(train_step(compiled, optimizers, rows, step, cfg, ctx))
     seconds = (time.perf_counter() - started) / steps
     print(json.dumps({"nan_grads": nan_grads, "n_params": len(list(model.parameters())), "ms": seconds * 1000,
-                      "tok_s": cfg.batch_size * 512 / seconds, "last_loss": losses[-1]}))
+                      "tok_s": cfg.batch_size * config.block_size / seconds, "last_loss": losses[-1]}))
 
 
-def run_paired(steps):
+def run_paired(steps, config):
     """Both finite kernels compiled in one process, taking turns step by step (the order swapped every step),
     so that both see the same machine: prints the median of the per-step time ratios."""
-    newgpt.keep_freed_memory()
+    keep_freed_memory()
     kernels = ["sdpa", "written-out, RoPE on (B, T, nh, hs)"]
     cfg = newgpt.TrainConfig()
     ctx = newgpt.autocast_context("cpu", "bfloat16")
-    n_tokens = (steps + 4) * cfg.batch_size * 512 + 1
-    ids = np.random.default_rng(0).integers(0, 8192, n_tokens).astype(np.uint16)
-    rows = newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), 512, loss_on="all")
+    rows = random_rows(config, cfg, steps)
     setups = {}
     for kernel in kernels:
-        model = build_model(kernel)
+        model = build_model(kernel, config)
         setups[kernel] = (torch.compile(model), newgpt.configure_optimizers(model, cfg, "cpu"))
     times, losses = {k: [] for k in kernels}, {k: [] for k in kernels}
     for step in range(3 + steps):
@@ -136,17 +145,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per kernel")
     parser.add_argument("--paired", action="store_true", help="sdpa against the written-out kernel, in turns")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: a tiny model, 2 steps")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    config = newgpt.GPTConfig(**TINY) if args.tiny else newgpt.GPTConfig()
+    steps = 2 if args.tiny else args.steps
     if args.worker:
-        return run_worker(args.worker, args.steps)
+        return run_worker(args.worker, steps, config)
     if args.paired:
-        return run_paired(args.steps)
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, default model, batch 8 x 512, bf16")
+        return run_paired(steps, config)
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"{'a tiny' if args.tiny else 'the default'} model, batch 8 x {config.block_size}, bf16")
     print(f"\n{'kernel':<36} {'NaN grads':>9} {'ms/step':>8} {'tok/s':>7} {'last loss':>9}")
     for kernel, meaning in KERNELS.items():
-        out = subprocess.run([sys.executable, __file__, "--worker", kernel, "--steps", str(args.steps)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--worker", kernel, "--steps", str(steps),
+                              *(["--tiny"] if args.tiny else [])], capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"{kernel:<36} {r['nan_grads']:>4} / {r['n_params']:<2} {r['ms']:>8.0f} {r['tok_s']:>7,.0f} "
               f"{r['last_loss']:>9.3f}   {meaning}", flush=True)

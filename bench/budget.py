@@ -6,6 +6,7 @@ go one after another on this machine, alone.
     python bench/budget.py --minutes 2 5          # on a GPU
     python bench/budget.py --minutes 10 --only cut auto
     python bench/budget.py --minutes 10 --only auto --flags "--decay_fraction 1"   # a schedule variant
+    python bench/budget.py --tiny --minutes 0.05 --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
 
 "cut" is what --max_minutes did before it shaped the schedule: the 6,800-step cosine schedule at the
 automatic size, with its curriculum (all tokens for the first 30% of the steps), stopped by Ctrl-C when
@@ -62,15 +63,15 @@ def wait_for_training(log_path, process):
     return time.time()
 
 
-def run(name, flags, minutes, texts, cut=False):
+def run(name, flags, minutes, setup, cut=False):
     """One training run; returns its results row. A cut run gets Ctrl-C once `minutes` have passed."""
-    label = re.sub(r"[^\w.]+", "_", f"{minutes:g}min {name} {' '.join(flags)}").strip("_")
-    out_dir = REPO / "runs" / "budget" / label
+    label = re.sub(r"[^\w.]+", "_", f"{minutes:g}min {name} {' '.join(flags)}").strip("_")[:120]
+    out_dir = Path(setup.runs) / "budget" / label
     subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     out_dir.mkdir(parents=True)
     log_path = out_dir / "stdout.log"
-    command = [sys.executable, "-u", str(REPO / "newgpt.py"), "--data", *map(str, experiments.TRAIN_DATA),
-               "--val_data", *map(str, experiments.VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), *flags]
+    command = [sys.executable, "-u", str(REPO / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
+               "--texts", setup.texts, "--out_dir", str(out_dir), *flags]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.DEVNULL)
         started = wait_for_training(log_path, process)
@@ -109,18 +110,21 @@ def main():
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 30.0], help="budgets to measure")
     parser.add_argument("--only", nargs="+", choices=["cut", "auto", "down", "up"], help="run only these")
     parser.add_argument("--device", default="auto", help="as newgpt.py's --device")
-    parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
     parser.add_argument("--flags", default="", help='more newgpt.py flags for every run, e.g. "--decay_fraction 1"')
+    experiments.add_run_arguments(parser)
     args = parser.parse_args()
+    results = Path(args.runs) / "budget.jsonl" if args.tiny else RESULTS
+    extra = shlex.split(args.flags) + (experiments.TINY_FLAGS if args.tiny else [])
     device_type = newgpt.pick_device(args.device).split(":")[0]
     rows = []
     for minutes in args.minutes:
         for name, flags, cut in plan(minutes, device_type):
             if args.only and name.split()[0] not in args.only:
                 continue
-            row = run(name, [*flags, "--device", args.device, *shlex.split(args.flags)], minutes, args.texts, cut)
+            row = run(name, [*flags, "--device", args.device, *extra], minutes, args, cut)
             rows.append(row)
-            with open(RESULTS, "a") as f:
+            results.parent.mkdir(parents=True, exist_ok=True)
+            with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{minutes:g} min  {name:<16} {row['model']:<28} steps {row['steps']:>6}  "
                   f"tok/s {row['tok_s']:>7,}  val bpb {row['val_bpb']:.4f}  wall {row['wall_s']} s", flush=True)

@@ -35,6 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import chat_with_model as chat  # noqa: E402
+from data import conversations_from_sources  # noqa: E402
+from runtime import UserError  # noqa: E402
 import newgpt  # noqa: E402
 
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
@@ -149,7 +151,7 @@ def load_embedder():
 
 def reference_pairs(path):
     """(first question, best-ranked human answer) of each OASST1 validation conversation."""
-    conversations = newgpt.conversations_from_sources([str(path)], "validation", {"en"}, "best")
+    conversations = conversations_from_sources([str(path)], "validation", {"en"}, "best")
     return [(c["turns"][0]["content"], c["turns"][1]["content"]) for c in conversations
             if len(c["turns"]) > 1 and c["turns"][0]["role"] == "user"]
 
@@ -200,6 +202,7 @@ def main():
                         help="OASST1 validation messages for the human ceiling and shuffled floor ('': skip)")
     parser.add_argument("--show", type=int, default=0, help="print this many knowledge answers per checkpoint")
     parser.add_argument("--note", default="", help="a note stored with the results")
+    parser.add_argument("--results", default=str(RESULTS), help="JSONL file the results are appended to")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     questions, prompts = read_jsonl(args.questions), read_jsonl(args.prompts)
@@ -209,7 +212,7 @@ def main():
     for path in args.checkpoints:
         try:
             row = evaluate(path, questions, prompts, sampling, embedder, word_list)
-        except newgpt.UserError as e:
+        except UserError as e:
             raise SystemExit(f"error: {e}")
         rows.append(row | {"note": args.note})
         for question, reply, ok in row["answers"][:args.show]:
@@ -218,8 +221,8 @@ def main():
         if not Path(args.reference).is_file():
             raise SystemExit(f"error: no OASST1 validation file at {args.reference}; pass --reference PATH or ''")
         rows += [row | {"note": args.note} for row in reference_rows(args.reference, embedder, word_list)]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print_table(rows)
 

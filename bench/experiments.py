@@ -4,6 +4,7 @@ budget, and the table compares final validation bits per byte.
     python bench/experiments.py --minutes 3                 # every variant below, one after another
     python bench/experiments.py --minutes 3 --only default muon
     python bench/experiments.py --minutes 8 --steps 1400 --only default "warmup 300"   # equal steps
+    python bench/experiments.py --tiny --only default --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
 
 For a fair budget each run's cosine schedule must end when its time does, so the script first measures
 the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
@@ -29,6 +30,9 @@ TRAIN_DATA = [DATA / "oasst/oasst1_en_train.texts.jsonl.gz", DATA / "oasst/oasst
               DATA / "oasst/guanaco_llama2_1k.train.jsonl.gz", DATA / "extra/dolly15k_en.jsonl.gz"]
 VAL_DATA = [DATA / "oasst/oasst1_en_validation.messages.jsonl.gz"]
 BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry) unless a variant sets it
+TINY_FLAGS = ["--n_layer", "1", "--n_head", "1", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
+              "--batch_size", "2", "--eval_tokens", "64", "--no-compile"]
+TINY_STEPS = 3
 
 # Flags on top of newgpt.py's current defaults. Some rows were measured against earlier defaults (muon and
 # relu2 before they won, 2 heads while 4 was the default); bench/RESULTS.md names each round's baseline.
@@ -83,12 +87,24 @@ def planned_steps(flags, minutes, batch_size, evaluations):
     return int(seconds_for_steps * speed["tok_s"] / (batch_size * 512))
 
 
-def run_variant(name, flags, minutes, texts, fixed_steps=0, evaluations=4):
+def add_run_arguments(parser):
+    """The flags every training bench shares: its data, where its runs go, and the smoke-test mode."""
+    parser.add_argument("--data", nargs="+", default=[str(p) for p in TRAIN_DATA], help="training sources")
+    parser.add_argument("--val_data", nargs="+", default=[str(p) for p in VAL_DATA], help="validation sources")
+    parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
+    parser.add_argument("--runs", default=str(REPO / "runs"), help="folder for the runs and their results")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"a smoke run: a tiny model ({' '.join(TINY_FLAGS)}) for {TINY_STEPS} steps")
+
+
+def run_variant(name, flags, minutes, setup, fixed_steps=0, evaluations=4):
+    """Train one variant (flags on top of the defaults) as set up by add_run_arguments' flags; its results row."""
+    flags = flags + (TINY_FLAGS if setup.tiny else [])
     batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
-    steps = fixed_steps or planned_steps(flags, minutes, batch_size, evaluations)
-    out_dir = REPO / "runs" / "experiments" / name.replace(" ", "_")
-    command = [sys.executable, str(REPO / "newgpt.py"), "--data", *map(str, TRAIN_DATA), "--val_data",
-               *map(str, VAL_DATA), "--texts", texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
+    steps = TINY_STEPS if setup.tiny else fixed_steps or planned_steps(flags, minutes, batch_size, evaluations)
+    out_dir = Path(setup.runs) / "experiments" / name.replace(" ", "_")
+    command = [sys.executable, str(REPO / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
+               "--texts", setup.texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
                "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
                "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
                "--max_minutes", str(minutes * 1.1), "--decay_fraction", "1", *flags]
@@ -111,13 +127,13 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="train every variant for this many steps (equal "
                         "steps instead of equal time, for variants that only change a schedule); --minutes "
                         "still stops a run")
-    parser.add_argument("--texts", default=str(REPO / "train_texts.json"), help="prepared texts file to share")
+    add_run_arguments(parser)
     args = parser.parse_args()
-    results_path = REPO / "runs" / "experiments" / "results.jsonl"
+    results_path = Path(args.runs) / "experiments" / "results.jsonl"
     results_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or VARIANTS:
-        row = run_variant(name, VARIANTS[name], args.minutes, args.texts, args.steps) | {"minutes": args.minutes}
+        row = run_variant(name, VARIANTS[name], args.minutes, args, args.steps) | {"minutes": args.minutes}
         rows.append(row)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")

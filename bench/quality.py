@@ -3,6 +3,7 @@ the same wall-clock budget, side by side in one run.
 
     python bench/quality.py                 # 15 minutes each
     python bench/quality.py --minutes 8
+    python bench/quality.py --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs --png /tmp/q.png  # smoke
 
 It plots validation bits per byte against seconds of training (bench/results/quality.png) and reports each
 recipe's final val bpb and how long our default took to reach the seed recipe's final value. Each run's
@@ -34,12 +35,12 @@ def time_to_reach(points, target):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget per recipe")
-    parser.add_argument("--texts", default=str(experiments.REPO / "train_texts.json"))
+    experiments.add_run_arguments(parser)
     parser.add_argument("--png", default=str(experiments.REPO / "bench" / "results" / "quality.png"))
     args = parser.parse_args()
     curves, rows = {}, {}
     for name, flags in RECIPES.items():
-        rows[name] = experiments.run_variant(name, flags, args.minutes, args.texts, evaluations=12)
+        rows[name] = experiments.run_variant(name, flags, args.minutes, args, evaluations=12)
         curves[name] = curve(rows[name]["metrics"])
 
     seed_final = curves["seed recipe"][-1][1]

@@ -5,6 +5,7 @@
     python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
     python bench/train_speed.py --steps 40 --paired "default, autograd cross-entropy"
     python bench/train_speed.py --context 512 1024 2048 --depths 4 8   # what a longer context costs
+    python bench/train_speed.py --tiny           # a smoke run: tiny models, 2 steps, small matmul peaks
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
 training step: forward and backward under autocast, gradient clipping, the optimizers.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from runtime import keep_freed_memory  # noqa: E402
 import newgpt  # noqa: E402
 
 # name -> newgpt.py flags; each row is a recipe plus overrides, built exactly as the training script builds it.
@@ -50,7 +52,7 @@ RECIPES = {
 }
 # Rows that change newgpt's code, not its flags: what each one swaps back to the way it was.
 CODE_CHANGES = {
-    "default, plain malloc": "plain_malloc",  # without newgpt.keep_freed_memory()
+    "default, plain malloc": "plain_malloc",  # without keep_freed_memory()
     "default, torch.optim.Muon": "torch_muon",  # torch.optim.Muon instead of newgpt.Muon
     "default, autograd cross-entropy": "torch_cross_entropy",  # GPTWithAutogradLoss
 }
@@ -65,9 +67,13 @@ class GPTWithAutogradLoss(newgpt.GPT):
         return loss_sum / (targets != newgpt.IGNORE_INDEX).sum().clamp(min=1)
 
 
-def matmul_tflops(dtype, n=2048, repeats=10, trials=5, warmup=3):
-    """The best of `trials` timings of `repeats` square matmuls (2048 was the fastest size we tried on these
-    cores). The best, not the mean: a neighbour's load can only make a trial slower, so this is the honest peak."""
+TINY_FLAGS = ["--n_layer", "1", "--n_head", "1", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320"]
+PEAK_SIZE = 2048  # the fastest square matmul size we tried on these cores
+
+
+def matmul_tflops(dtype, n=PEAK_SIZE, repeats=10, trials=5, warmup=3):
+    """The best of `trials` timings of `repeats` square matmuls. The best, not the mean: a neighbour's load can
+    only make a trial slower, so this is the honest peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(warmup):
         a @ b
@@ -80,8 +86,8 @@ def matmul_tflops(dtype, n=2048, repeats=10, trials=5, warmup=3):
     return best
 
 
-def measure_peaks():
-    return {"float32": matmul_tflops(torch.float32), "bfloat16": matmul_tflops(torch.bfloat16)}
+def measure_peaks(n=PEAK_SIZE):
+    return {"float32": matmul_tflops(torch.float32, n), "bfloat16": matmul_tflops(torch.bfloat16, n)}
 
 
 def higher_peaks(before, after):
@@ -108,7 +114,7 @@ def mfu(result):
 def build(flags, batch_size, code_change):
     """The model, optimizers, precision and compilation that newgpt.py's flags select, with a code change."""
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
-    model_config, cfg = newgpt.configs_from_args(args)
+    model_config, cfg, _ = newgpt.configs_from_args(args)
     torch.manual_seed(0)
     if code_change == "torch_cross_entropy":
         model = GPTWithAutogradLoss(model_config)
@@ -122,41 +128,45 @@ def build(flags, batch_size, code_change):
     dtype = newgpt.pick_dtype(cfg.dtype, "cpu")
     trained = torch.compile(model) if cfg.compile else model
     return dict(model_config=model_config, cfg=cfg, model=model, trained=trained, optimizers=optimizers,
-                dtype=dtype, ctx=newgpt.autocast_context("cpu", dtype), code_change=code_change)
+                scaler=torch.amp.GradScaler("cpu", enabled=False), dtype=dtype,
+                ctx=newgpt.autocast_context("cpu", dtype), code_change=code_change)
 
 
 def random_rows(model_config, steps, batch_size):
+    """Rows of random token ids, every token a target: enough for `steps` steps."""
     n_tokens = steps * batch_size * model_config.block_size + 1
     ids = np.random.default_rng(0).integers(0, model_config.vocab_size, n_tokens).astype(np.uint16)
     return newgpt.PackedRows(ids, np.ones(n_tokens, dtype=np.uint8), model_config.block_size)
 
 
 def timed_step(setup, rows, step):
+    """One newgpt.train_step on the step's rows, as the training loop takes it; returns its seconds."""
+    cfg = setup["cfg"]
+    batch = rows.get(range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
     started = time.perf_counter()
-    trained, optimizers, cfg, ctx = setup["trained"], setup["optimizers"], setup["cfg"], setup["ctx"]
-    newgpt.train_step(trained, optimizers, rows, step, step / cfg.max_steps, cfg, 0, 1, "cpu", ctx)
+    newgpt.train_step(setup["trained"], setup["optimizers"], setup["scaler"], [batch], cfg.grad_clip, setup["ctx"])
     return time.perf_counter() - started
 
 
-def run_worker(flags, steps, batch_size, code_change, with_peaks):
+def run_worker(flags, steps, batch_size, code_change, with_peaks, peak_size):
     """Time newgpt.train_step itself (forward/backward under autocast, clip, optimizer step) on random
     tokens, with the model, optimizers, precision and compilation that newgpt.py's flags select."""
     if code_change != "plain_malloc":
-        newgpt.keep_freed_memory()  # as newgpt.py's __main__ does
+        keep_freed_memory()  # as newgpt.py's __main__ does
     setup = build(flags, batch_size, code_change)
     model_config = setup["model_config"]
     rows = random_rows(model_config, steps + 3, batch_size)
     warmup_s = sum(timed_step(setup, rows, step) for step in range(3))  # compilation, allocator, kernels
     # The machine is shared and its speed drifts over minutes: the peak that this recipe's MFU is measured
     # against is taken here, in the same process, seconds before and after the timed steps.
-    peaks_before = measure_peaks() if with_peaks else None
+    peaks_before = measure_peaks(peak_size) if with_peaks else None
     seconds, bf16_between_steps = 0.0, []
     for step in range(3, 3 + steps):
         seconds += timed_step(setup, rows, step)
         if with_peaks:  # the machine's bf16 matmul speed now, between two timed steps (about 0.1 s)
-            bf16_between_steps.append(matmul_tflops(torch.bfloat16, repeats=4, trials=2, warmup=3))
+            bf16_between_steps.append(matmul_tflops(torch.bfloat16, peak_size, repeats=4, trials=2, warmup=3))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peaks = higher_peaks(peaks_before, measure_peaks()) if with_peaks else None
+    peaks = higher_peaks(peaks_before, measure_peaks(peak_size)) if with_peaks else None
     print(json.dumps({"tok_s": steps * batch_size * model_config.block_size / seconds, "peak_rss_mb": peak_rss_mb,
                       "params_m": setup["model"].num_params() / 1e6,
                       "flops_per_token": flops_per_token(model_config),
@@ -168,7 +178,7 @@ def run_worker(flags, steps, batch_size, code_change, with_peaks):
 def run_paired(name, steps, batch_size):
     """The default and one code change, compiled in one process, taking turns step by step (the order
     swapped every step), so that both see the same machine: prints the median of the per-step ratios."""
-    newgpt.keep_freed_memory()
+    keep_freed_memory()
     default = build(RECIPES["default"], batch_size, "")
     changed = build(RECIPES[name], batch_size, CODE_CHANGES[name])
     rows = random_rows(default["model_config"], steps + 3, batch_size)
@@ -186,12 +196,12 @@ def run_paired(name, steps, batch_size):
           f"(median of the per-step ratios), faster in {np.mean(ratios > 1):.0%} of the pairs")
 
 
-def measure(flags, steps, batch_size, code_change="", with_peaks=False):
+def measure(flags, steps, batch_size, code_change="", with_peaks=False, peak_size=PEAK_SIZE):
     """Throughput of newgpt.py's training step under `flags`, measured in a fresh process; with_peaks adds
     the matmul peaks measured right before and after it (a few seconds more)."""
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(flags), "--steps", str(steps),
                           "--batch_size", str(batch_size), "--code_change", code_change,
-                          *(["--peaks"] if with_peaks else [])],
+                          "--peak_size", str(peak_size), *(["--peaks"] if with_peaks else [])],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -228,12 +238,20 @@ def main():
     parser.add_argument("--context", type=at_least_one, nargs="+",
                         help="time these context lengths at each of --depths instead (4,096 tokens per step)")
     parser.add_argument("--depths", type=at_least_one, nargs="+", default=[4, 8], help="sizes for --context")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a smoke run: tiny models, 2 steps, two recipes, peaks from small matmuls")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--code_change", default="", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peak_size", type=at_least_one, default=PEAK_SIZE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks)
+        return run_worker(json.loads(args.worker), args.steps, args.batch_size, args.code_change, args.peaks,
+                          args.peak_size)
+    recipes = {name: flags + (TINY_FLAGS if args.tiny else []) for name, flags in RECIPES.items()}
+    if args.tiny:
+        args.steps, args.batch_size, args.peak_size = 2, 2, 64
+        args.recipes = args.recipes if args.recipes != list(RECIPES) else ["seed (fp32)", "default -compile"]
     if args.paired:
         return run_paired(args.paired, args.steps, args.batch_size)
     if args.context:
@@ -243,7 +261,8 @@ def main():
     for _ in range(args.rounds):
         for name in args.recipes:
             code_change = CODE_CHANGES.get(name, "")
-            rounds[name].append(measure(RECIPES[name], args.steps, args.batch_size, code_change, True))
+            rounds[name].append(measure(recipes[name], args.steps, args.batch_size, code_change, True,
+                                        args.peak_size))
     # The median round by throughput (the lower middle one for an even count), with the peaks measured in it.
     results = {name: sorted(runs, key=lambda r: r["tok_s"])[(len(runs) - 1) // 2] for name, runs in rounds.items()}
     every_run = [r for runs in rounds.values() for r in runs]
@@ -266,7 +285,7 @@ def main():
           "peak; own dtype: against the peak of the recipe's own precision")
     for name, r in results.items():
         change = f", code change: {CODE_CHANGES[name]}" if name in CODE_CHANGES else ""
-        print(f"{name}: {' '.join(RECIPES[name]) or '(defaults)'}{change} -> {json.dumps(r['config'])}")
+        print(f"{name}: {' '.join(recipes[name]) or '(defaults)'}{change} -> {json.dumps(r['config'])}")
     if args.rounds > 1:
         for name, runs in rounds.items():
             tok_s = ", ".join(f"{r['tok_s']:,.0f}" for r in runs)

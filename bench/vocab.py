@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data import read_texts_file  # noqa: E402
 import newgpt  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--n_embd", type=int, default=newgpt.GPTConfig().n_embd, help="width for the embedding column")
     args = parser.parse_args()
-    texts = newgpt.read_texts_file(Path(args.texts))
+    texts = read_texts_file(Path(args.texts))
     print(f"{len(texts['train']):,} train / {len(texts['val']):,} val conversations from {args.texts}\n")
     print(f"{'vocab':>7} {'train B/tok':>12} {'val B/tok':>10} {'embedding params':>17} {'train time':>11}")
     for size in args.sizes:

@@ -120,6 +120,6 @@ def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None):
     data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = newgpt.checkpoint_state(model, optimizers, scaler, model.config, newgpt.TrainConfig(), data, step,
-                                    last_eval or {"val_loss": 1.5, "val_bpb": 0.5}, elapsed_s=60.0)
+    state = newgpt.checkpoint_state(model, optimizers, scaler, newgpt.TrainConfig(), data, step, elapsed_s=60.0,
+                                    **(last_eval or {"val_loss": 1.5, "val_bpb": 0.5}))
     return newgpt.save_checkpoint(state, directory, keep_last=3)

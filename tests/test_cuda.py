@@ -36,11 +36,18 @@ def test_training_resume_and_chat_on_cuda(tmp_path, oasst_file, dtype):
     losses = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_bpb"] == r["val_bpb"] for r in losses if "val_bpb" in r), "no NaN"
 
-    model, tokenizer, _ = newgpt.load_checkpoint(straight, "cuda")
-    session = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(max_new_tokens=8), "cuda", dtype)
-    prompt_ids, _ = session.add_user_turn("What is two plus two?")
-    answer = "".join(session.stream_reply(prompt_ids))
-    assert isinstance(answer, str) and session.history[-1][0] == "assistant", "sampling runs on the GPU"
+    on_gpu, tokenizer, _ = newgpt.load_checkpoint(straight, "cuda")
+    on_cpu, _, _ = newgpt.load_checkpoint(straight, "cpu")
+    greedy = chat.SamplingConfig(temperature=0.0, max_new_tokens=8)
+    gpu_chat, cpu_chat = (chat.Chat(m.eval(), tokenizer, greedy, device, "float32")
+                          for m, device in ((on_gpu, "cuda"), (on_cpu, "cpu")))
+    prompt = cpu_chat.render([("user", "What is two plus two?")])
+    assert list(chat.generate(on_gpu, prompt, greedy, ctx=gpu_chat.ctx)) == list(chat.generate(on_cpu, prompt, greedy)), \
+        "greedy decoding on the GPU picks the CPU's tokens"
+    sampled = chat.Chat(on_gpu, tokenizer, chat.SamplingConfig(temperature=1.0, max_new_tokens=8), "cuda", dtype)
+    prompt_ids, _ = sampled.add_user_turn("What is two plus two?")
+    "".join(sampled.stream_reply(prompt_ids))
+    assert sampled.generator.device.type == "cuda" and sampled.last_answer_tokens >= 1, "sampling runs on the GPU"
 
 
 def test_a_gpu_checkpoint_loads_on_the_cpu_and_computes_the_same(tmp_path, oasst_file):

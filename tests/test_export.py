@@ -97,11 +97,16 @@ def test_greedy_generate_equals_our_kv_cache_generation(exported_run, trained_ru
         assert theirs == ours, f"{question!r}: transformers generated {theirs}, we generated {ours}"
 
 
-def test_pipeline_answers_a_chat_message(exported_run):
+def test_pipeline_answers_a_chat_message_as_our_chat_does(exported_run, trained_run):
     generator = pipeline("text-generation", model=str(exported_run))
-    reply = generator([{"role": "user", "content": "What is two plus two?"}], max_new_tokens=12)
+    reply = generator([{"role": "user", "content": "What is two plus two?"}], max_new_tokens=12, do_sample=False,
+                      repetition_penalty=1.0)
     message = reply[0]["generated_text"][-1]
-    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
+    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
+    ours = chat.Chat(model.eval(), tokenizer, greedy, "cpu", "float32")
+    expected = "".join(ours.stream_reply(ours.add_user_turn("What is two plus two?")[0]))
+    assert message["role"] == "assistant" and message["content"] == expected
 
 
 def run_export(*args):
@@ -109,6 +114,7 @@ def run_export(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_a_full_out_dir_give_one_line_errors(trained_run, tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((trained_run / "gpt_step0004.pt").read_bytes()[:5000])
@@ -135,6 +141,12 @@ def test_bad_checkpoints_and_a_full_out_dir_give_one_line_errors(trained_run, tm
     assert not (full / "notes.txt").exists() and len(list(tmp_path.glob(".full.*"))) == 0, "no staging left"
 
 
-def test_model_card_names_each_source_with_its_licence(exported_run):
+def test_model_card_describes_this_checkpoint_and_names_each_source_with_its_licence(exported_run, trained_run):
     card = (exported_run / "README.md").read_text()
-    assert "Apache-2.0" in card and "bits per byte" in card and "pipeline(" in card
+    model, _, ckpt = newgpt.load_checkpoint(trained_run)
+    assert f"{model.num_params() / 1e6:.2f}M parameters" in card and f"Trained for {ckpt['step']:,} steps" in card
+    assert f"{ckpt['val_bpb']:.4f} bits per byte" in card
+    (source_line,) = [line for line in card.splitlines() if "oasst.jsonl.gz" in line]
+    assert "chat stage" in source_line and "Apache-2.0" in source_line, source_line
+    assert f'model="{exported_run.name}"' in card and str(exported_run.parent) not in card, \
+        "the usage example names the folder, not a path on the exporting machine"

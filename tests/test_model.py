@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from data import make_conversation
+from runtime import Progress, UserError
 import newgpt
+
+
+def no_scaler():
+    """The scaler of a bf16 or fp32 run: switched off, it changes nothing."""
+    return torch.amp.GradScaler("cpu", enabled=False)
 
 
 def tiny_config(**overrides):
@@ -33,7 +40,7 @@ def test_special_tokens_are_single_ids_and_never_arise_from_text(tokenizer):
 
 
 def test_render_marks_only_assistant_replies_and_their_end_as_targets(tokenizer):
-    conversation = newgpt.make_conversation([("system", "be nice"), ("user", "one plus one"),
+    conversation = make_conversation([("system", "be nice"), ("user", "one plus one"),
                                              ("assistant", "two"), ("user", "ok")], "g")
     ((ids, mask),) = newgpt.render_conversations(tokenizer, [conversation])
     tok = tokenizer.token_to_id
@@ -41,7 +48,7 @@ def test_render_marks_only_assistant_replies_and_their_end_as_targets(tokenizer)
     targets = [i for i, m in zip(ids, mask) if m]
     assert tokenizer.decode(targets[:-1]) == "two" and targets[-1] == tok("<|end|>"), \
         "targets are the assistant content plus its <|end|>"
-    document = newgpt.make_conversation([("text", "just text")], "d")
+    document = make_conversation([("text", "just text")], "d")
     ((doc_ids, doc_mask),) = newgpt.render_conversations(tokenizer, [document])
     assert doc_mask == [0] + [1] * (len(doc_ids) - 1), "a plain document is all targets after <|bos|>"
     assert not {tok(t) for t in newgpt.ROLE_TOKENS.values()} & set(doc_ids), "no roles are invented for text"
@@ -220,7 +227,7 @@ def test_weight_decay_applies_to_matrices_only():
                                                 ({"vocab_size": 100}, "too small"),
                                                 ({"n_embd": 36, "n_head": 4}, "even head size")])
 def test_impossible_configs_are_rejected(overrides, message):
-    with pytest.raises(newgpt.UserError, match=message):
+    with pytest.raises(UserError, match=message):
         newgpt.check_model_config(tiny_config(**overrides))
 
 
@@ -241,6 +248,7 @@ def test_batched_muon_matches_torch_muon():
     shapes = [(96, 32), (32, 32), (128, 32), (32, 128), (96, 32)]  # tall, square, tall and wide sharing a batch
     ours = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    starts = [p.detach().clone() for p in ours]
     optimizers = [newgpt.Muon(ours, lr=0.01, weight_decay=0.1),
                   torch.optim.Muon(theirs, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")]
     for _ in range(3):
@@ -249,8 +257,12 @@ def test_batched_muon_matches_torch_muon():
             b.grad = a.grad.clone()
         for optimizer in optimizers:
             optimizer.step()
-    for a, b, shape in zip(ours, theirs, shapes):
-        assert torch.allclose(a, b, atol=1e-5), f"{shape}: differs by {(a - b).abs().max().item():.2g}"
+    # Both orthogonalise in bf16, whose rounding differs between a batched and a single matmul on some CPUs:
+    # the updates agree to bf16's precision (under 1%), where a wrong scale or transpose would be off by 10%+.
+    for a, b, start, shape in zip(ours, theirs, starts, shapes):
+        ours_moved, theirs_moved = a.detach() - start, b.detach() - start
+        error = (ours_moved - theirs_moved).norm() / theirs_moved.norm()
+        assert error < 0.01, f"{shape}: the updates differ by {error:.2%}"
     assert optimizers[0].state[ours[0]]["momentum_buffer"].shape == shapes[0], "state is torch's, per parameter"
 
 
@@ -263,10 +275,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     for batch_size, grad_accum in [(4, 1), (2, 2)]:
         torch.manual_seed(0)
         model = newgpt.GPT(tiny_config())
-        cfg = newgpt.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, optimizer="adamw", warmup_steps=0)
+        cfg = newgpt.TrainConfig(batch_size=batch_size, grad_accum=grad_accum, optimizer="adamw")
         optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
-        stage = newgpt.Stage("chat", rows, first_step=0, all_tokens_rows=0)
-        loss, _ = newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", nullcontext())
+        batches = [rows.get(newgpt.training_rows(0, micro, cfg, 0, 1, rows.n_rows)) for micro in range(grad_accum)]
+        assert sum(len(x) for x, _ in batches) == 4
+        loss = newgpt.train_step(model, optimizers, no_scaler(), batches, cfg.grad_clip, nullcontext())
         results.append((loss, model.state_dict()))
     (loss_big, big), (loss_accum, accum) = results
     assert loss_big == pytest.approx(loss_accum, rel=1e-5)
@@ -287,7 +300,7 @@ class UniformModel(torch.nn.Module):
 
 def test_bits_per_byte_matches_a_hand_computation(tokenizer):
     text = "five plus four is 9. Grüße 🙂"
-    conversation = newgpt.make_conversation([("user", "hi"), ("assistant", text)], "g")
+    conversation = make_conversation([("user", "hi"), ("assistant", text)], "g")
     ids, mask = newgpt.tokenize_to_arrays(tokenizer, [conversation])
     val_rows = newgpt.PackedRows(ids, mask, block_size=16, loss_on="assistant", pad_id=0)
     byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
@@ -304,7 +317,7 @@ def test_bits_per_byte_matches_a_hand_computation(tokenizer):
 def test_progress_reports_the_recent_speed_and_honours_the_time_budget():
     clock = FakeClock()
     cfg = newgpt.TrainConfig(max_steps=1000, max_minutes=10)
-    progress = newgpt.Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=4)
+    progress = Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=4)
     assert progress.update(1, 40.0, 5.0, 1e-3) is None, "the first step compiles: no speed from it"
     for step in range(2, 6):
         clock.now += 0.5
@@ -314,7 +327,7 @@ def test_progress_reports_the_recent_speed_and_honours_the_time_budget():
     assert "8,192 tok/s" in postfix and "8 min left" in postfix, \
         f"995 steps need 8.3 min, inside the 10-minute budget: {postfix}"
     cfg = newgpt.TrainConfig(max_steps=0, max_minutes=1)
-    short = newgpt.Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=2)
+    short = Progress(cfg, 0, 4096, newgpt.Budget(cfg, clock=clock), enabled=False, window=2)
     for step in range(1, 4):
         short.update(step, 0.5, 5.0, 1e-3)
     assert "1 min left" in short.bar.postfix, f"the budget, not the steps, ends this run: {short.bar.postfix}"
@@ -332,52 +345,49 @@ def test_every_depth_gives_a_valid_config(device_type):
 
 
 def test_the_dial_picks_the_measured_sizes_and_single_flags_still_win(monkeypatch):
-    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args([]))
+    model_config, cfg, _ = newgpt.configs_from_args(newgpt.parse_args([]))
     assert (model_config, cfg) == (newgpt.GPTConfig(), newgpt.TrainConfig()), "on a CPU: depth 4, the defaults"
     monkeypatch.setattr(newgpt, "pick_device", lambda requested: "cuda")
-    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--max_minutes", "5"]))
+    model_config, cfg, _ = newgpt.configs_from_args(newgpt.parse_args(["--max_minutes", "5"]))
     assert (model_config.n_layer, model_config.n_embd, model_config.block_size) == (12, 768, 1024), "GPU-sized"
     assert cfg.max_steps == 0, "with a budget and no --max_steps, the budget alone ends the run"
     args = newgpt.parse_args(["--depth", "8", "--n_embd", "256", "--n_head", "2", "--max_steps", "50"])
-    model_config, cfg = newgpt.configs_from_args(args)
+    model_config, cfg, size_note = newgpt.configs_from_args(args)
     assert (model_config.n_layer, model_config.n_embd, model_config.n_head, cfg.batch_size) == (8, 256, 2, 16)
-    assert cfg.max_steps == 50 and "(--n_head, --n_embd as given)" in args.size_note
+    assert cfg.max_steps == 50 and "(--n_head, --n_embd as given)" in size_note
 
 
 def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win():
-    model_config, cfg = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed"]))
+    model_config, cfg, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed"]))
     model = newgpt.GPT(model_config)
     assert model.num_params() == 5_387_776, "4 x 4 x 256 with learned positions and biases, vocabulary 8,192"
     assert "wpe" in model.transformer and model.transformer.h[0].attn.c_attn.bias is not None
     assert not model.transformer.h[0].mlp.relu2, "GELU"
     assert [type(o) for o in newgpt.configure_optimizers(model, cfg, "cpu")] == [torch.optim.AdamW]
     assert newgpt.pick_dtype(cfg.dtype, "cpu") == "float32" and not cfg.compile and cfg.all_tokens_epochs == 0
-    overridden, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
+    overridden, _, _ = newgpt.configs_from_args(newgpt.parse_args(["--recipe", "seed", "--n_layer", "2"]))
     assert overridden.n_layer == 2
 
 
-def fp16_setup(init_scale):
+def fp16_step(init_scale):
+    """One float16 train_step of a tiny model with a loss scaler starting at init_scale: (weights before,
+    the model after, the scaler after)."""
     torch.manual_seed(0)
     model = newgpt.GPT(tiny_config())
-    cfg = newgpt.TrainConfig(batch_size=2, warmup_steps=0)
-    ids = np.random.default_rng(0).integers(0, 300, 8 * 32 + 1).astype(np.uint16)
-    rows = newgpt.PackedRows(ids, np.ones(len(ids), dtype=np.uint8), 32, loss_on="all")
-    stage = newgpt.Stage("chat", rows, first_step=0, all_tokens_rows=0)
+    optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
+    ids = np.random.default_rng(0).integers(0, 300, 2 * 32 + 1).astype(np.uint16)
+    batch = newgpt.PackedRows(ids, np.ones(len(ids), dtype=np.uint8), 32, loss_on="all").get([0, 1])
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    return model, newgpt.configure_optimizers(model, cfg, "cpu"), cfg, stage, scaler
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    newgpt.train_step(model, optimizers, scaler, [batch], 1.0, torch.autocast("cpu", dtype=torch.float16))
+    return before, model, scaler
 
 
 def test_float16_steps_scale_the_loss_and_skip_steps_that_overflow():
-    fp16 = torch.autocast("cpu", dtype=torch.float16)
-    model, optimizers, cfg, stage, scaler = fp16_setup(init_scale=2.0 ** 10)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
+    before, model, scaler = fp16_step(init_scale=2.0 ** 10)
     assert scaler.get_scale() == 2.0 ** 10, "finite gradients keep the scale"
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters()), "every weight moved"
-
-    model, optimizers, cfg, stage, scaler = fp16_setup(init_scale=2.0 ** 127)  # the scaled loss overflows
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    newgpt.train_step(model, optimizers, stage, 0, 0.0, cfg, 0, 1, "cpu", fp16, scaler)
+    before, model, scaler = fp16_step(init_scale=2.0 ** 127)  # the scaled loss overflows
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "the step is skipped"
     assert scaler.get_scale() == 2.0 ** 126, "and the scale halves"
 
@@ -386,7 +396,7 @@ def test_evaluation_in_chunks_gives_the_same_numbers_as_one_batch(tokenizer):
     torch.manual_seed(0)
     model = newgpt.GPT(tiny_config(vocab_size=tokenizer.get_vocab_size()))
     turns = [[("user", f"what is {i} plus {i}?"), ("assistant", f"{2 * i}, Grüße")] for i in range(12)]
-    conversations = [newgpt.make_conversation(exchange, str(i)) for i, exchange in enumerate(turns)]
+    conversations = [make_conversation(exchange, str(i)) for i, exchange in enumerate(turns)]
     ids, mask = newgpt.tokenize_to_arrays(tokenizer, conversations)
     val_rows = newgpt.PackedRows(ids, mask, block_size=32, loss_on="assistant", pad_id=0)
     byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))

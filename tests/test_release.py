@@ -6,14 +6,15 @@ import torch
 
 import chat_with_model as chat
 import newgpt
+from runtime import RELEASE_DIR, RELEASE_FILE, UserError, checkpoint_paths, latest_checkpoint
 from conftest import copy_run, run_newgpt, train_in_process
 
 RELEASE_MAX_BYTES = 30 * 10**6
 
 
 def test_the_committed_release_model_answers_and_ends_its_turn():
-    path = newgpt.latest_checkpoint(newgpt.RELEASE_DIR)
-    assert path is not None, f"no release model committed in {newgpt.RELEASE_DIR}"
+    path = latest_checkpoint(RELEASE_DIR)
+    assert path is not None, f"no release model committed in {RELEASE_DIR}"
     assert path.stat().st_size <= RELEASE_MAX_BYTES, f"{path} is {path.stat().st_size:,} bytes, over 30 MB"
     model, tokenizer, ckpt = newgpt.load_checkpoint(path)
     assert "optimizers" not in ckpt and all(t.dtype == torch.bfloat16 for t in ckpt["model"].values()
@@ -30,38 +31,39 @@ def test_release_keeps_bf16_weights_and_the_tokenizer_and_replaces_the_old_one(t
     out = tmp_path / "release"
     out.mkdir()
     (out / "tokenizer-8192-old.json").write_text("{}")  # an earlier release's tokenizer
-    path = newgpt.write_release(trained_run, out)
+    path = newgpt.make_release(trained_run, out)
     full_model, _, full = newgpt.load_checkpoint(trained_run)
     model, tokenizer, slim = newgpt.load_checkpoint(out)
-    assert path == out / newgpt.RELEASE_FILE and newgpt.latest_checkpoint(out) == path
+    assert path == out / RELEASE_FILE and latest_checkpoint(out) == path
     assert sorted(p.name for p in out.glob("tokenizer-*.json")) == [full["tokenizer"]["file"]]
     assert not {"optimizers", "scaler", "rng"} & set(slim) and slim["step"] == full["step"]
     tied = slim["model"]["lm_head.weight"], slim["model"]["transformer.wte.weight"]
     assert tied[0].data_ptr() == tied[1].data_ptr(), "the tied embedding is stored once"
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, full_model.state_dict()[name].to(torch.bfloat16).float()), name
-    assert path.stat().st_size < newgpt.latest_checkpoint(trained_run).stat().st_size / 3
+    assert path.stat().st_size < latest_checkpoint(trained_run).stat().st_size / 3
 
 
 def test_chat_falls_back_to_the_release_only_when_nothing_is_trained(trained_run, tmp_path, monkeypatch):
     release = tmp_path / "release"
     monkeypatch.setattr(newgpt, "RELEASE_DIR", release)
-    with pytest.raises(newgpt.UserError, match="no checkpoint in .* and no release model"):
+    with pytest.raises(UserError, match="no checkpoint in .* and no release model"):
         newgpt.default_checkpoint(tmp_path / "ckpt")
-    newgpt.write_release(trained_run, release)
-    assert newgpt.default_checkpoint(tmp_path / "ckpt") == release / newgpt.RELEASE_FILE
+    newgpt.make_release(trained_run, release)
+    assert newgpt.default_checkpoint(tmp_path / "ckpt") == release / RELEASE_FILE
     trained = copy_run(trained_run, tmp_path / "ckpt")
-    assert newgpt.default_checkpoint(trained) == newgpt.latest_checkpoint(trained)
+    assert newgpt.default_checkpoint(trained) == latest_checkpoint(trained)
 
 
+@pytest.mark.slow
 def test_a_release_cannot_be_resumed_and_a_new_run_is_not_blocked_by_it(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "ckpt")
-    newgpt.write_release(run, tmp_path / "ckpt" / "release")
+    newgpt.make_release(run, tmp_path / "ckpt" / "release")
     for checkpoint in run.glob("gpt_step*.pt"):
         checkpoint.unlink()  # a fresh clone: ckpt/ holds only the release folder
     texts = tmp_path / "texts.json"
-    assert newgpt.checkpoint_paths(run) == [], "the release folder is not a run's checkpoint"
-    result = run_newgpt("--resume", run / "release" / newgpt.RELEASE_FILE, "--out_dir", run, "--texts", texts,
+    assert checkpoint_paths(run) == [], "the release folder is not a run's checkpoint"
+    result = run_newgpt("--resume", run / "release" / RELEASE_FILE, "--out_dir", run, "--texts", texts,
                         cwd=tmp_path)
     assert result.returncode == 2 and "cannot be resumed" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -71,6 +73,6 @@ def test_release_flag_refuses_a_damaged_checkpoint_and_writes_nothing(trained_ru
     release = tmp_path / "release"
     monkeypatch.setattr(newgpt, "RELEASE_DIR", release)
     broken = tmp_path / "broken.pt"
-    broken.write_bytes(newgpt.latest_checkpoint(trained_run).read_bytes()[:4000])
+    broken.write_bytes(latest_checkpoint(trained_run).read_bytes()[:4000])
     assert train_in_process("--release", broken) == 2
     assert not release.exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data import MixedRows, build_texts, read_records, split_weight, stream_records
 import newgpt
 from conftest import oasst_rows, train_args, train_in_process, write_jsonl
 
@@ -76,7 +77,7 @@ def packed(n_rows, value, block_size=4):
 
 def test_mixture_weights_give_the_expected_sampling_frequencies():
     sizes, weights = [40, 20, 10], [1.0, 0.5, 3.0]
-    mixed = newgpt.MixedRows([packed(n, source) for source, n in enumerate(sizes)], weights, seed=0)
+    mixed = MixedRows([packed(n, source) for source, n in enumerate(sizes)], weights, seed=0)
     expected = [n * w for n, w in zip(sizes, weights)]  # 40, 10, 30 rows per epoch
     assert mixed.n_rows == sum(expected)
     cfg = newgpt.TrainConfig(batch_size=8, grad_accum=1)
@@ -89,9 +90,9 @@ def test_mixture_weights_give_the_expected_sampling_frequencies():
 
 
 def test_a_source_weight_is_read_from_the_spec():
-    assert newgpt.split_weight("data/a.jsonl.gz:2.5") == ("data/a.jsonl.gz", 2.5)
-    assert newgpt.split_weight("data/a.jsonl.gz") == ("data/a.jsonl.gz", 1.0)
-    assert newgpt.split_weight("OpenAssistant/oasst2") == ("OpenAssistant/oasst2", 1.0)
+    assert split_weight("data/a.jsonl.gz:2.5") == ("data/a.jsonl.gz", 2.5)
+    assert split_weight("data/a.jsonl.gz") == ("data/a.jsonl.gz", 1.0)
+    assert split_weight("OpenAssistant/oasst2") == ("OpenAssistant/oasst2", 1.0)
 
 
 def test_holdout_drops_planted_evaluation_questions_and_their_paraphrases(tmp_path):
@@ -109,7 +110,7 @@ def test_holdout_drops_planted_evaluation_questions_and_their_paraphrases(tmp_pa
     chat = write_jsonl(tmp_path / "chat.jsonl", oasst_rows(20))
     sources = [write_jsonl(tmp_path / "qa.jsonl", planted), write_jsonl(tmp_path / "docs.jsonl", [document])]
     cfg = newgpt.TrainConfig(data=[str(chat)], pretrain_data=list(map(str, sources)), holdout=[str(holdout)])
-    texts = newgpt.build_texts(cfg)
+    texts = build_texts(cfg)
     kept = [t["content"] for c in texts["pretrain"] for t in c["turns"] if t["role"] in ("user", "text")]
     assert texts["held_out"] == 2
     assert kept == [planted[1]["instruction"], planted[3]["instruction"], document["text"]]
@@ -131,13 +132,13 @@ def write_dataset_folder(folder, records, per_file=7):
 def test_the_streaming_reader_yields_the_records_of_a_full_load(tmp_path):
     documents, pairs = knowledge_records()
     folder = write_dataset_folder(tmp_path / "docs", documents * 3)
-    streamed = list(newgpt.stream_records(str(folder)))
-    full = [r for path in sorted(folder.glob("*.jsonl")) for r in newgpt.read_records(path)]
+    streamed = list(stream_records(str(folder)))
+    full = [r for path in sorted(folder.glob("*.jsonl")) for r in read_records(path)]
     assert streamed == full and len(streamed) == 24
 
 
 def test_a_streamed_source_trains_from_bounded_shards_written_once(tmp_path, oasst_file, monkeypatch, capsys):
-    monkeypatch.setattr(newgpt, "STREAM_SHARD_TOKENS", 128)
+    monkeypatch.setattr("data.STREAM_SHARD_TOKENS", 128)
     documents, _ = knowledge_records()
     folder = write_dataset_folder(tmp_path / "docs", documents * 10)
     out = tmp_path / "streamed"

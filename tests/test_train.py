@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+from data import conversations_from_sources
+from runtime import UserError
 import newgpt
 from conftest import (REPO, TINY_FLAGS, copy_run, oasst_rows, run_newgpt, train_args, train_in_process,
                       write_checkpoint, write_jsonl)
@@ -39,6 +41,7 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_metrics_plot_and_a_loadable_model(tmp_path, oasst_file):
     out = tmp_path / "ckpt"
     result = run_newgpt(*train_args(oasst_file, out, "--max_steps", "6", "--save_interval", "2", "--keep_last", "2"),
@@ -123,14 +126,15 @@ class TickingClock:
 def budgeted_run(data, out_dir, clock, *extra):
     """newgpt.train in this process on a fake clock, with the command line's flags."""
     args = newgpt.parse_args([str(a) for a in train_args(data, out_dir, *extra)])
-    model_config, cfg = newgpt.configs_from_args(args)
-    return newgpt.train(cfg, model_config, args.size_note, clock=clock)
+    model_config, cfg, size_note = newgpt.configs_from_args(args)
+    return newgpt.train(cfg, model_config, size_note, clock=clock)
 
 
 def train_lrs(run_dir):
     return [(r["step"], r["lr"]) for r in records(run_dir) if "lr" in r]
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_ends_decayed_at_the_budget_with_a_final_evaluation(tmp_path, oasst_file, capsys):
     out = tmp_path / "ckpt"
     assert budgeted_run(oasst_file, out, TickingClock(0.1), "--max_minutes", "0.5") == 0
@@ -143,6 +147,7 @@ def test_a_budgeted_run_ends_decayed_at_the_budget_with_a_final_evaluation(tmp_p
     assert last_lr == pytest.approx(1e-4, rel=0.05), f"the learning rate has decayed to --min_lr: {last_lr}"
 
 
+@pytest.mark.slow
 def test_resuming_a_budgeted_run_continues_its_schedule(tmp_path, oasst_file, capsys):
     whole, first, resumed = tmp_path / "whole" / "ckpt", tmp_path / "part" / "ckpt", tmp_path / "part" / "ckpt"
     assert budgeted_run(oasst_file, whole, TickingClock(0.1), "--max_minutes", "0.5") == 0
@@ -158,6 +163,7 @@ def test_resuming_a_budgeted_run_continues_its_schedule(tmp_path, oasst_file, ca
     assert resumed_lrs[-1][0] == pytest.approx(train_lrs(whole)[-1][0], abs=3), "and ends where it would have"
 
 
+@pytest.mark.slow
 def test_the_chosen_size_is_printed(tmp_path, oasst_file, capsys):
     small = ["--vocab_size", "320", "--block_size", "32", "--batch_size", "2", "--max_steps", "1", "--no-compile",
              "--dtype", "float32", "--eval_tokens", "64"]
@@ -171,6 +177,7 @@ def test_the_chosen_size_is_printed(tmp_path, oasst_file, capsys):
     assert "model: 1 x 128 (" in out and "depth 1, from --depth (--block_size, --batch_size as given)" in out, out
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, oasst_file):
     out = tmp_path / "ckpt"
     process = subprocess.Popen([sys.executable, str(REPO / "newgpt.py"),
@@ -222,16 +229,39 @@ def test_damaged_checkpoints_say_what_is_wrong(tmp_path, trained_run, damage, me
     run = copy_run(trained_run, tmp_path / "run")
     bad = run / "gpt_step0004.pt"
     bad.write_bytes(damage(bad.read_bytes()))
-    with pytest.raises(newgpt.UserError, match=message):
+    with pytest.raises(UserError, match=message):
         newgpt.load_checkpoint(bad)
 
 
-def test_damaged_checkpoint_on_resume_is_a_one_line_error(tmp_path, trained_run):
+def test_resume_passes_over_a_damaged_newest_checkpoint_and_says_so(tmp_path, trained_run, capsys):
     run = copy_run(trained_run, tmp_path / "run")
-    (run / "gpt_step0004.pt").write_bytes(truncated((run / "gpt_step0004.pt").read_bytes()))
-    result = run_newgpt("--data", trained_run.parent / "oasst.jsonl.gz", "--texts", trained_run.parent / "texts.json",
-                        "--out_dir", run, *TINY_FLAGS, "--max_steps", "6", "--resume", cwd=tmp_path)
-    assert_clean_error(result, "is truncated or damaged", "use another checkpoint")
+    damaged = truncated((run / "gpt_step0004.pt").read_bytes())
+    (run / "gpt_step0004.pt").write_bytes(damaged)
+    assert train_in_process("--out_dir", run, "--resume", "--max_steps", "5", "--save_interval", "100") == 0, \
+        capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "passing over gpt_step0004.pt is truncated or damaged" in out and "resuming from gpt_step0002.pt" in out
+    assert newgpt.load_checkpoint(run / "gpt_step0005.pt")[2]["step"] == 5, "continued from step 2"
+    assert (run / "gpt_step0004.pt").read_bytes() == damaged, "the damaged file is left for the user to inspect"
+
+
+@pytest.mark.slow
+def test_resume_with_no_intact_checkpoint_is_a_one_line_error(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run")
+    for path in run.glob("gpt_step*.pt"):
+        path.write_bytes(truncated(path.read_bytes()))
+    result = run_newgpt("--out_dir", run, "--resume", cwd=tmp_path)
+    assert_clean_error(result, "no intact checkpoint", "gpt_step0004.pt is truncated or damaged")
+
+
+def test_resume_reuses_the_checkpoints_sources_and_flags_given_still_win(tmp_path, trained_run, capsys):
+    run = copy_run(trained_run, tmp_path / "run")
+    assert train_in_process("--out_dir", run, "--resume", "--max_steps", "5", "--log_interval", "5") == 0
+    _, _, ckpt = newgpt.load_checkpoint(run)
+    stored = ckpt["train_config"]
+    assert stored["data"] == [str(trained_run.parent / "oasst.jsonl.gz")], "no hub download: the run's own data"
+    assert (stored["max_steps"], stored["log_interval"], stored["batch_size"]) == (5, 5, 4)
+    assert "reused" in capsys.readouterr().out, "the run's train_texts.json is reused, not rebuilt"
 
 
 def edit_checkpoint(path, edit):
@@ -245,20 +275,20 @@ def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path, trained_run):
     path = run / "gpt_step0004.pt"
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
-    with pytest.raises(newgpt.UserError, match="not a TinyGPT checkpoint .*'model'"):
+    with pytest.raises(UserError, match="not a TinyGPT checkpoint .*'model'"):
         newgpt.load_checkpoint(foreign)
 
     original = path.read_bytes()
     edit_checkpoint(path, lambda c: c["model_config"].update(vocab_size=c["model_config"]["vocab_size"] + 8))
-    with pytest.raises(newgpt.UserError, match="tokenizer has .* tokens, model expects"):
+    with pytest.raises(UserError, match="tokenizer has .* tokens, model expects"):
         newgpt.load_checkpoint(path)
     path.write_bytes(original)
     edit_checkpoint(path, lambda c: c["model_config"].update(n_layer=3))
-    with pytest.raises(newgpt.UserError, match="weights do not fit"):
+    with pytest.raises(UserError, match="weights do not fit"):
         newgpt.load_checkpoint(path)
     path.write_bytes(original)
     edit_checkpoint(path, lambda c: c["model_config"].update(qk_norm=True))
-    with pytest.raises(newgpt.UserError, match="--qk_norm, an option this version"):
+    with pytest.raises(UserError, match="--qk_norm, an option this version"):
         newgpt.load_checkpoint(path)
     edit_checkpoint(path, lambda c: c["model_config"].update(qk_norm=False))
     assert newgpt.load_checkpoint(path)[2]["step"] == 4, "an old checkpoint with the option off still loads"
@@ -268,10 +298,10 @@ def test_checkpoint_needs_its_own_tokenizer(tmp_path, trained_run):
     run = copy_run(trained_run, tmp_path / "run")
     (tokenizer_file,) = run.glob("tokenizer-*.json")
     tokenizer_file.write_text(tokenizer_file.read_text() + "\n")  # the same tokens, another file
-    with pytest.raises(newgpt.UserError, match="is not the tokenizer this checkpoint was trained with"):
+    with pytest.raises(UserError, match="is not the tokenizer this checkpoint was trained with"):
         newgpt.load_checkpoint(run)
     tokenizer_file.unlink()
-    with pytest.raises(newgpt.UserError, match="tokenizer .* is missing"):
+    with pytest.raises(UserError, match="tokenizer .* is missing"):
         newgpt.load_checkpoint(run)
 
 
@@ -331,7 +361,7 @@ def test_cli_errors_are_one_line_and_non_zero(tmp_path, oasst_file, case, capsys
 
 
 def test_an_unreachable_hub_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(newgpt, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("data.hub_reachable", lambda timeout=3.0: False)
     monkeypatch.chdir(tmp_path)
     started = time.time()
     assert train_in_process(*TINY_FLAGS) == 2, "the default data is OpenAssistant/oasst2 from the hub"
@@ -339,18 +369,19 @@ def test_an_unreachable_hub_fails_at_once_and_leaves_nothing(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == [], "no ckpt/ or train_texts.json is left behind"
 
 
-def test_bad_flag_values_are_rejected_by_the_parser(capsys):
-    for flag in (["--batch_size", "-3"], ["--qk_norm"], ["--curriculum_steps", "5"]):
-        with pytest.raises(SystemExit) as exit_info:
-            newgpt.parse_args(flag)
-        assert exit_info.value.code == 2, f"{flag} must be refused"
-        assert "error:" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value", [("--batch_size", "-3"), ("--lr", "nan"), ("--max_minutes", "soon"),
+                                         ("--dtype", "float8"), ("--depth", "2.5")])
+def test_bad_flag_values_are_rejected_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        newgpt.parse_args([flag, value])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and flag in error and value in error, error
 
 
 def test_a_json_array_file_is_read_as_records(tmp_path):
     path = tmp_path / "docs.json"
     path.write_text(json.dumps([{"text": "first document"}, {"text": "second document"}]))
-    conversations = newgpt.conversations_from_sources([str(path)], "train", {"en"}, "best")
+    conversations = conversations_from_sources([str(path)], "train", {"en"}, "best")
     assert [c["turns"] for c in conversations] == [[{"role": "text", "content": "first document"}],
                                                    [{"role": "text", "content": "second document"}]]
 
@@ -394,12 +425,13 @@ def test_compiled_training_saves_plain_state_dicts(tmp_path, oasst_file):
 
 
 def test_a_diverging_run_stops_with_one_line(tmp_path, oasst_file, monkeypatch, capsys):
-    real_step = newgpt.train_step
+    real_loss, calls = newgpt.GPT.loss, []
 
-    def diverging_step(*args, **kwargs):
-        loss, lr = real_step(*args, **kwargs)
-        return (float("nan") if args[3] == 2 else loss), lr  # args[3]: the step
-    monkeypatch.setattr(newgpt, "train_step", diverging_step)
+    def diverging_loss(self, logits, targets):  # two micro-batches a step (TINY_FLAGS): NaN in step 3's
+        calls.append(1)
+        loss = real_loss(self, logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(newgpt.GPT, "loss", diverging_loss)
     out = tmp_path / "ckpt"
     assert train_in_process(*train_args(oasst_file, out, "--max_steps", "10", "--save_interval", "1")) == 2
     line = error_line(capsys)

@@ -1,0 +1,87 @@
+"""Every script in bench/ runs: each in its smoke mode (a tiny model, a few steps, or the tiny checkpoint of
+these tests), in its own process, as a user would start it. The numbers they print are not checked here:
+only that each runs to the end and prints its table."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, oasst_rows, write_jsonl
+from test_serve import CHROMIUM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    """Training and validation files in the OASST2 schema, and the folder the runs go to."""
+    tmp = tmp_path_factory.mktemp("bench")
+    rows = oasst_rows(60)
+    train, val = write_jsonl(tmp / "train.jsonl", rows[:250]), write_jsonl(tmp / "val.jsonl", rows[250:])
+    return ["--data", str(train), "--val_data", str(val), "--texts", str(tmp / "texts.json"), "--runs", str(tmp)]
+
+
+def run_bench(script, *args, cwd=REPO):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_train_speed():
+    assert "seed (fp32)" in run_bench("train_speed.py", "--tiny").split("recipe", 1)[1]
+
+
+def test_attention_cpu():
+    assert "NaN grads" in run_bench("attention_cpu.py", "--tiny")
+
+
+def test_experiments(bench_data):
+    assert "vs default" in run_bench("experiments.py", "--tiny", "--only", "default", *bench_data)
+
+
+def test_quality(bench_data, tmp_path):
+    out = run_bench("quality.py", "--tiny", "--minutes", "0.5", "--png", tmp_path / "quality.png", *bench_data)
+    assert "final val bpb" in out and (tmp_path / "quality.png").is_file()
+
+
+def test_budget(bench_data):
+    out = run_bench("budget.py", "--tiny", "--minutes", "0.05", *bench_data)
+    assert out.count(" m  ") == 4, out  # cut, auto, down and up
+
+
+def test_answers(trained_run):
+    out = run_bench("answers.py", trained_run, "--max_new_tokens", "4", "--table")
+    assert len(out.strip().splitlines()) == 2 + 5, out  # a header, its rule and one row per prompt
+
+
+def test_bpb(trained_run):
+    out = run_bench("bpb.py", trained_run, "--tokens", "200", cwd=trained_run.parent)
+    assert "val: " in out and "bits/byte" in out
+
+
+def test_chat_quality(trained_run, tmp_path):
+    out = run_bench("chat_quality.py", trained_run, "--max_new_tokens", "4", "--reference", "",
+                    "--results", tmp_path / "results.jsonl")
+    assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
+
+
+def test_generate(trained_run):
+    assert "ours/HF" in run_bench("generate.py", "--ckpt", trained_run, "--new_tokens", "4", "--repeats", "1")
+
+
+def test_serve(trained_run):
+    out = run_bench("serve.py", "--ckpt", trained_run, "--requests", "2", "--concurrency", "1", "--max_tokens", "4")
+    assert "| 1 |" in out
+
+
+def test_screenshot(trained_run, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    run_bench("screenshot.py", "--ckpt", trained_run, "--out", tmp_path / "page.png")
+    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_vocab(trained_run):
+    assert "train B/tok" in run_bench("vocab.py", "--texts", trained_run.parent / "texts.json", "--sizes", "300", "320")
