@@ -31,7 +31,7 @@ TRAIN_DATA = [DATA / "oasst/oasst1_en_train.texts.jsonl.gz", DATA / "oasst/oasst
 VAL_DATA = [DATA / "oasst/oasst1_en_validation.messages.jsonl.gz"]
 BATCH_SIZE = 8  # rows of 512 tokens per step, grad_accum 1 (the default geometry) unless a variant sets it
 TINY_FLAGS = ["--n_layer", "1", "--n_head", "1", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
-              "--batch_size", "2", "--eval_tokens", "64", "--no-compile"]
+              "--batch_size", "2", "--eval_tokens", "64", "--log_interval", "1", "--no-compile"]
 TINY_STEPS = 3
 
 # Flags on top of newgpt.py's current defaults. Some rows were measured against earlier defaults (muon and
