@@ -661,21 +661,24 @@ def pick_device(requested):
     return "cpu"
 
 
-def cpu_has_fast_bf16():
-    """AVX512-BF16 or AMX run bf16 matmuls natively (about 6x fp32 peak on the AMX machines here)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def has_fast_bf16(device):
+    """Whether bf16 matmuls run natively: on CUDA from Ampere on, on a CPU with AVX512-BF16 or AMX (about 6x
+    its fp32 peak on the AMX machines here). Elsewhere bf16 is emulated, far slower than fp32."""
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def pick_dtype(requested, device):
     device_type = device.split(":")[0]
     if requested == "auto":
         if device_type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16" if device_type == "cpu" and cpu_has_fast_bf16() else "float32"
+            return "bfloat16" if has_fast_bf16(device) else "float16"
+        return "bfloat16" if has_fast_bf16(device) else "float32"
     if requested == "float16" and device_type != "cuda":
         raise UserError("--dtype float16 needs CUDA; use bfloat16 or float32")
     return requested
-
 
 
 def autocast_context(device, dtype):
@@ -684,13 +687,13 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def orthogonalize(G, steps=5, eps=1e-7):
+def orthogonalize(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     """Newton-Schulz iteration towards the nearest semi-orthogonal matrix, for a stack G (n, rows, cols) with
     rows <= cols. The quintic's coefficients (Jordan et al. 2024) trade exactness for speed: after 5 steps the
     singular values lie roughly between 0.5 and 1.5 instead of at 1, which they found trains as well as the
-    exact U V^T. Runs in bf16."""
+    exact U V^T. That inexactness is also why bf16 is precise enough where it is fast."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(dtype)
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT  # (n, rows, rows)
@@ -704,10 +707,11 @@ class Muon(torch.optim.Optimizer):
     so that every direction of the matrix moves by a similar amount. The step is scaled by
     0.2 * sqrt(max(rows, cols)) to match AdamW's update RMS (Liu et al. 2025), so that one learning rate and
     schedule serve both optimizers. It computes what torch.optim.Muon(adjust_lr_fn="match_rms_adamw") does
-    (a test checks that), but orthogonalises same-shaped matrices together in batched matmuls."""
+    (a test checks that), but orthogonalises same-shaped matrices together in batched matmuls, in ns_dtype."""
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -726,7 +730,7 @@ class Muon(torch.optim.Optimizer):
             for i, u in enumerate(wide):
                 by_shape[u.shape].append(i)
             for (_, cols), indices in by_shape.items():
-                ortho = orthogonalize(torch.stack([wide[i] for i in indices]), group["ns_steps"])
+                ortho = orthogonalize(torch.stack([wide[i] for i in indices]), group["ns_steps"], dtype=self.ns_dtype)
                 step_size = group["lr"] * 0.2 * math.sqrt(cols)
                 for i, o in zip(indices, ortho):
                     p = params[i]
@@ -748,7 +752,8 @@ def configure_optimizers(model, cfg, device):
     fused = device.split(":")[0] in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
     if hidden:
-        optimizers.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        ns_dtype = torch.bfloat16 if has_fast_bf16(device) else torch.float32
+        optimizers.append(Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype))
     return optimizers
 
 
@@ -1079,6 +1084,7 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
                     bar.write(f"step {step}: the knowledge stage ends, the chat stage begins")
             stage, rows, stage_step, loss_on = stage_at(step, chat_start, chat_rows, knowledge_rows, cfg,
                                                         run.world_size)
+            # evaluate, then checkpoint (the last step and a stop request do both)
             eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
                 val_loss, val_bpb = evaluate(run.model, val_rows, byte_lengths, cfg, run.ctx, run.device)
@@ -1095,6 +1101,7 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
             if step % cfg.eval_interval == 0:  # the final evaluation and checkpoint will take about as long
                 budget.reserve_s = budget.clock() - eval_started
 
+            # one optimizer step: micro-batches forward and backward, clip, step
             step_started, lr = time.time(), get_lr(step, progress, cfg)
             for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
                 group["lr"] = lr
@@ -1107,6 +1114,7 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
                 raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
                                 f"({last_good}); try a lower --lr or --dtype float32")
             step += 1
+            # log
             tok_per_s = bar.update(step, time.time() - step_started, loss, lr)
             if run.master and step % cfg.log_interval == 0:
                 write_metrics(metrics, {"step": step, "stage": stage, "train_loss": loss, "lr": lr,

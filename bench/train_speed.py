@@ -47,6 +47,8 @@ RECIPES = {
     "default, plain malloc": [],
     "default, torch.optim.Muon": [],
     "default, autograd cross-entropy": [],
+    "default, Newton-Schulz in bf16": [],
+    "default, Newton-Schulz in fp32": [],
     "default, 4 heads of 64": ["--n_head", "4"],
     "default": [],
 }
@@ -55,6 +57,8 @@ CODE_CHANGES = {
     "default, plain malloc": "plain_malloc",  # without keep_freed_memory()
     "default, torch.optim.Muon": "torch_muon",  # torch.optim.Muon instead of newgpt.Muon
     "default, autograd cross-entropy": "torch_cross_entropy",  # GPTWithAutogradLoss
+    "default, Newton-Schulz in bf16": "ns_bfloat16",  # Muon orthogonalises in bf16 whatever the CPU
+    "default, Newton-Schulz in fp32": "ns_float32",  # Muon orthogonalises in fp32 whatever the CPU
 }
 
 
@@ -121,10 +125,13 @@ def build(flags, batch_size, code_change):
     else:
         model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
+    hidden = optimizers[-1].param_groups[0]["params"]
     if code_change == "torch_muon":
-        hidden = optimizers[-1].param_groups[0]["params"]
         optimizers[-1] = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           adjust_lr_fn="match_rms_adamw")
+    if code_change.startswith("ns_"):
+        ns_dtype = getattr(torch, code_change.removeprefix("ns_"))
+        optimizers[-1] = newgpt.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype)
     dtype = newgpt.pick_dtype(cfg.dtype, "cpu")
     trained = torch.compile(model) if cfg.compile else model
     return dict(model_config=model_config, cfg=cfg, model=model, trained=trained, optimizers=optimizers,

@@ -243,6 +243,18 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert muon_names | adamw_names == set(names.values()), "every parameter is optimised exactly once"
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_muon_orthogonalises_in_bf16_only_where_bf16_is_fast(fast_bf16, monkeypatch):
+    monkeypatch.setattr(newgpt, "has_fast_bf16", lambda device: fast_bf16)
+    _, muon = newgpt.configure_optimizers(newgpt.GPT(tiny_config()), newgpt.TrainConfig(optimizer="muon"), "cpu")
+    assert muon.ns_dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    G = torch.randn(3, 32, 96)
+    X = newgpt.orthogonalize(G, dtype=muon.ns_dtype)
+    singular_values = torch.linalg.svdvals(X.float())
+    assert X.dtype == muon.ns_dtype and singular_values.min() > 0.3 and singular_values.max() < 1.5, \
+        "near-orthogonal in either precision"
+
+
 def test_batched_muon_matches_torch_muon():
     torch.manual_seed(0)
     shapes = [(96, 32), (32, 32), (128, 32), (32, 128), (96, 32)]  # tall, square, tall and wide sharing a batch
