@@ -20,9 +20,9 @@ a cross-entropy whose gradient is written out; the loss on every token for the f
 then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
-checkpoints that resume (a step-based run bit-exactly), on CPU, CUDA or MPS. Optional: a knowledge stage
-before the chat stage, on weighted document and Q/A sources. chat_with_model.py imports the model and the
-chat format from here, so training and chatting can never disagree.
+checkpoints that resume (a step-based run bit-exactly without torch.compile), on CPU, CUDA or MPS.
+Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources.
+chat_with_model.py imports the model and the chat format from here, so training and chatting agree.
 """
 
 import argparse
