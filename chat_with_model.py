@@ -39,8 +39,21 @@ class SamplingConfig:
     temperature: float = field(default=0.3, metadata={"help": "softmax temperature; 0 means greedy"})
     top_k: int = field(default=40, metadata={"help": "sample from the k most likely tokens (0: off)"})
     top_p: float = field(default=0.9, metadata={"help": "sample from the smallest set with this mass (1: off)"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "drop tokens less likely than min_p times the likeliest one (Nguyen et al. 2024; 0: off)"})
     repetition_penalty: float = field(default=1.3, metadata={"help": "push recent tokens down by this (1: off)"})
     repetition_window: int = field(default=64, metadata={"help": "how many recent tokens the penalty looks at"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: subtract this times a token's count in the answer so far from its logit (-2 to 2)"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: subtract this from the logit of every token already in the answer (-2 to 2)"})
+    dry_multiplier: float = field(default=0.0, metadata={
+        "help": "DRY: penalise a token that would continue a repeat of the context, by multiplier * "
+                "base^(repeat length - allowed length) (0: off)"})
+    dry_base: float = field(default=1.75, metadata={"help": "DRY: how fast the penalty grows with the repeat"})
+    dry_allowed_length: int = field(default=2, metadata={"help": "DRY: the longest repeat left unpenalised"})
+    no_repeat_ngram_size: int = field(default=0, metadata={
+        "help": "never produce an n-gram of this many tokens that the context already holds (0: off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
     seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
 
@@ -58,10 +71,21 @@ def check_sampling(config):
         problems.append("top_k must be >= 0")
     if not 0 < config.top_p <= 1:
         problems.append("top_p must be in (0, 1]")
+    if not 0 <= config.min_p <= 1:
+        problems.append("min_p must be in [0, 1]")
     if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty >= 1):
         problems.append("repetition_penalty must be a finite number >= 1")
     if not config.repetition_window >= 0:
         problems.append("repetition_window must be >= 0")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2 <= getattr(config, name) <= 2:
+            problems.append(f"{name} must be between -2 and 2")
+    if not 0 <= config.dry_multiplier <= 100 or not 1 <= config.dry_base <= 10:
+        problems.append("dry_multiplier must be in [0, 100] and dry_base in [1, 10]")
+    if not 1 <= config.dry_allowed_length <= 100:
+        problems.append("dry_allowed_length must be between 1 and 100")
+    if not 0 <= config.no_repeat_ngram_size <= 100:
+        problems.append("no_repeat_ngram_size must be between 0 and 100")
     if not config.max_new_tokens >= 1:
         problems.append("max_new_tokens must be >= 1")
     if not 0 <= config.seed <= MAX_SEED:
@@ -81,6 +105,57 @@ def apply_repetition_penalty(logits, recent_ids, penalty):
     return logits
 
 
+def apply_frequency_presence(logits, answer_ids, frequency_penalty, presence_penalty):
+    """OpenAI's penalties: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, where
+    count[j] is how often token j occurs in the answer so far (the prompt does not count)."""
+    if not answer_ids or (frequency_penalty == 0 and presence_penalty == 0):
+        return logits
+    counts = torch.bincount(torch.tensor(answer_ids, device=logits.device), minlength=logits.size(-1))
+    return logits - counts * frequency_penalty - (counts > 0) * presence_penalty
+
+
+def dry_penalties(context, multiplier, base, allowed_length, max_length=64):
+    """DRY, "don't repeat yourself" (Weidmann 2024, in llama.cpp and text-generation-webui): {token: penalty}.
+    Where the context's last tokens occurred before, the token that followed them then would continue the
+    repeat now; the longer the repeat it would extend, the larger its penalty: multiplier *
+    base^(length - allowed_length), for repeats of at least allowed_length tokens."""
+    penalties, n = {}, len(context)
+    if multiplier == 0 or n < 2:
+        return penalties
+    for j in range(n - 2, -1, -1):  # j: the end of an earlier occurrence of the context's last token(s)
+        length = 0
+        while length <= j and length < max_length and context[j - length] == context[n - 1 - length]:
+            length += 1
+        if length >= allowed_length:
+            follower = context[j + 1]
+            penalties[follower] = max(penalties.get(follower, 0.0), multiplier * base ** (length - allowed_length))
+    return penalties
+
+
+def banned_by_ngrams(context, n):
+    """Tokens that would complete an n-gram the context already holds (transformers' no_repeat_ngram_size)."""
+    if n < 1 or len(context) < n:
+        return set()
+    prefix = tuple(context[len(context) - n + 1:]) if n > 1 else ()
+    return {context[i + n - 1] for i in range(len(context) - n + 1) if tuple(context[i:i + n - 1]) == prefix}
+
+
+def penalize(logits, config, context, answer):
+    """Every repetition penalty of `config`, for the next token after `context` (the model's window), whose
+    last len(answer) tokens are the answer so far."""
+    logits = apply_repetition_penalty(logits, context[-config.repetition_window:] if config.repetition_window
+                                      else [], config.repetition_penalty)
+    logits = apply_frequency_presence(logits, answer, config.frequency_penalty, config.presence_penalty)
+    dry = dry_penalties(context, config.dry_multiplier, config.dry_base, config.dry_allowed_length)
+    if dry:
+        ids = torch.tensor(list(dry), device=logits.device)
+        logits = logits.index_put((ids,), -torch.tensor(list(dry.values()), device=logits.device), accumulate=True)
+    banned = banned_by_ngrams(context, config.no_repeat_ngram_size)
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
+    return logits
+
+
 def filter_top_k_top_p(logits, top_k, top_p):
     """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches p."""
     if top_k and top_k < logits.size(-1):
@@ -95,12 +170,22 @@ def filter_top_k_top_p(logits, top_k, top_p):
     return logits
 
 
-def sample_next(logits, config, recent_ids, generator):
-    """One token id from a (vocab_size,) row of logits."""
-    logits = apply_repetition_penalty(logits.float(), recent_ids, config.repetition_penalty)
+def filter_min_p(logits, min_p):
+    """Set to -inf every logit whose probability is below min_p times the likeliest token's."""
+    if min_p == 0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def sample_next(logits, config, context, answer, generator):
+    """One token id from a (vocab_size,) row of logits: penalties, then greedy (temperature 0) or
+    temperature, top-k, top-p and min-p (transformers' order), then a draw."""
+    logits = penalize(logits.float(), config, context, answer)
     if config.temperature == 0:
         return int(logits.argmax())
     logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+    logits = filter_min_p(logits, config.min_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
@@ -117,12 +202,16 @@ def window_start(n_tokens, start, block_size):
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all, which no_grad still keeps: faster per token
-def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None):
-    """Yield new token ids one at a time until a stop id (yielded too) or config.max_new_tokens.
-    With use_cache, the context is prefilled once and each step feeds only the newest token; without
-    it, each step re-runs the whole context window. Both see exactly the same context, so they agree."""
+def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None, logit_bias=None):
+    """Yield (token id, the model's logits for it) one token at a time, until a stop id (yielded too) or
+    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. With use_cache,
+    the context is prefilled once and each step feeds only the newest token; without it, each step re-runs
+    the whole context window. Both see exactly the same context, so they agree."""
     device = next(model.parameters()).device
     tokens, start, cache = list(prompt_ids), 0, None
+    if logit_bias:
+        bias_ids = torch.tensor(list(logit_bias), device=device)
+        bias_values = torch.tensor(list(logit_bias.values()), device=device)
     for _ in range(config.max_new_tokens):
         new_start = window_start(len(tokens), start, model.config.block_size)
         if use_cache and cache is not None and new_start == start:
@@ -132,9 +221,10 @@ def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=T
             feed = tokens[start:]
         with ctx or nullcontext():
             logits, _ = model(torch.tensor([feed], device=device), kv_cache=cache)
-        recent = tokens[-config.repetition_window:] if config.repetition_window else []
-        next_id = sample_next(logits[0, -1], config, recent, generator)
-        yield next_id
+        row = logits[0, -1]
+        biased = row.index_add(0, bias_ids, bias_values) if logit_bias else row
+        next_id = sample_next(biased, config, tokens[start:], tokens[len(prompt_ids):], generator)
+        yield next_id, row
         if next_id in stop_ids:
             return
         tokens.append(next_id)
@@ -210,17 +300,19 @@ class Chat:
         self.history = history
         return ids, notice
 
-    def stream_reply(self, prompt_ids):
+    def stream_reply(self, prompt_ids, logit_bias=None, on_token=None):
         """Yield the answer's text in pieces as it is generated; the answer joins the history, also when
-        the caller stops early (Ctrl-C)."""
+        the caller stops early (Ctrl-C). on_token(token id, logits) sees each token before its piece."""
         stream, pieces = Utf8Stream(self.token_table), []
         self.last_answer_tokens = 0
         try:
-            for token_id in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
-                                     ctx=self.ctx):
+            for token_id, logits in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
+                                             ctx=self.ctx, logit_bias=logit_bias):
                 if token_id == self.end_id:
                     break
                 self.last_answer_tokens += 1
+                if on_token:
+                    on_token(token_id, logits)
                 pieces.append(stream.push(token_id))
                 yield pieces[-1]
             pieces.append(stream.flush())

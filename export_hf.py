@@ -134,8 +134,27 @@ def to_hf_model(model, ids):
     hf_model.generation_config = GenerationConfig(
         bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], do_sample=True,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens)
+        min_p=sampling.min_p or None, repetition_penalty=sampling.repetition_penalty,
+        no_repeat_ngram_size=sampling.no_repeat_ngram_size, max_new_tokens=sampling.max_new_tokens)
     return hf_model.eval()
+
+
+# The chat's sampling options that transformers' GenerationConfig has no equivalent for.
+NOT_IN_TRANSFORMERS = ("frequency_penalty", "presence_penalty", "dry_multiplier")
+
+
+def sampling_differences():
+    """What the model card says about sampling: the chat's defaults that transformers applies, and how."""
+    sampling = SamplingConfig()
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size")
+    applied = ", ".join(f"{name.replace('_', ' ')} {getattr(sampling, name)}" for name in names
+                        if getattr(sampling, name) or name in ("temperature", "repetition_penalty"))
+    missing = [f"{name.replace('_', ' ')} {getattr(sampling, name)}" for name in NOT_IN_TRANSFORMERS
+               if getattr(sampling, name)]
+    note = (f" The chat also applies {', '.join(missing)} (DRY: base {sampling.dry_base}, allowed length "
+            f"{sampling.dry_allowed_length}), which transformers does not have." if missing else "")
+    return (f"{applied} (transformers applies the repetition penalty to the whole context, the TinyGPT chat to "
+            f"its last {sampling.repetition_window} tokens).{note}")
 
 
 @torch.no_grad()
@@ -240,8 +259,6 @@ def recorded_val_bpb(ckpt, run_dir):
 def model_card(ckpt, hf_model, model, run_dir, out):
     config, train = model.config, ckpt["train_config"]
     bpb = recorded_val_bpb(ckpt, run_dir)
-    sampling = ", ".join(f"{name.replace('_', ' ')} {getattr(SamplingConfig(), name)}"
-                         for name in ("temperature", "top_k", "top_p", "repetition_penalty"))
     all_sources = train.get("pretrain_data", []) + train["data"]
     sources = "\n".join([f"- {describe_source(s, 'knowledge stage')}" for s in train.get("pretrain_data", [])] +
                         [f"- {describe_source(s, 'chat stage')}" for s in train["data"]])
@@ -267,8 +284,7 @@ print(chat([{{"role": "user", "content": "What is a llama?"}}])[0]["generated_te
 ```
 
 Generation stops at `<|end|>`, the end of a turn. By default it samples with the TinyGPT chat's settings:
-{sampling} (transformers applies the penalty to the whole context, the TinyGPT chat to its last
-{SamplingConfig().repetition_window} tokens).
+{sampling_differences()}
 
 ## Training data
 

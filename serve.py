@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -56,15 +57,24 @@ class Limits:
 
 
 # -----------------------------------------------------------------------------
-# The request schema (OpenAI's Chat Completions; unknown fields are ignored, as OpenAI's own server does)
+# The request schema: OpenAI's Chat Completions parameters that this server honours, with OpenAI's meaning,
+# and our sampler's extensions. Anything else, and any value of the wrong type, NaN or infinite, is a 400
+# that names the parameter: a client is never answered as if a setting it sent had been applied.
+
+EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "repetition_window", "dry_multiplier", "dry_base",
+              "dry_allowed_length", "no_repeat_ngram_size")
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -72,18 +82,21 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatRequest(Strict):
     messages: list[Message]
     model: str | None = None
+    user: str | None = None  # the caller's id for its end user: recorded nowhere, changes nothing
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # an extension: our sampler's top-k
-    repetition_penalty: float | None = None  # an extension: our sampler's CTRL-style penalty
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     seed: int | None = None
@@ -91,6 +104,14 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    top_k: int | None = None  # the extensions: our sampler's own settings (chat_with_model.py --help)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_window: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    no_repeat_ngram_size: int | None = None
 
 
 class ApiError(Exception):
@@ -111,6 +132,8 @@ def first_problem(error):
     """A pydantic ValidationError's first problem, as (message, field)."""
     problem = error.errors()[0]
     field = ".".join(str(part) for part in problem["loc"]) or None
+    if problem["type"] == "extra_forbidden":
+        return f"{field}: this server does not support this parameter", field
     return f"{field}: {problem['msg']}" if field else problem["msg"], field
 
 
@@ -118,20 +141,34 @@ def sampling_for(request, defaults, limits):
     """The server's sampling flags, overridden by the request's fields; ApiError names a bad one."""
     if request.n != 1:
         raise ApiError(400, "n must be 1: this server generates one choice per request", "n")
+    if request.temperature is not None and not 0 <= request.temperature <= 2:
+        raise ApiError(400, "temperature must be between 0 and 2", "temperature")
+    if request.top_logprobs is not None and not (request.logprobs and 0 <= request.top_logprobs <= 20):
+        raise ApiError(400, "top_logprobs must be between 0 and 20, with logprobs true", "top_logprobs")
     max_tokens = next((n for n in (request.max_completion_tokens, request.max_tokens) if n is not None),
                       defaults.max_new_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}", "max_tokens")
-    given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
-             "repetition_penalty": request.repetition_penalty, "seed": request.seed}
-    sampling = dataclasses.replace(defaults, max_new_tokens=max_tokens,
-                                   **{name: value for name, value in given.items() if value is not None})
+    names = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", *EXTENSIONS)
+    given = {name: getattr(request, name) for name in names if getattr(request, name) is not None}
+    sampling = dataclasses.replace(defaults, max_new_tokens=max_tokens, **given)
     if request.seed is None:
         sampling.seed = secrets.randbits(63)  # OpenAI's behaviour: no seed, a new answer every time
     problems = check_sampling(sampling)
     if problems:
         raise ApiError(400, "; ".join(problems), problems[0].split()[0])
     return sampling
+
+
+def logit_bias_of(request, vocab_size):
+    """{token id: bias} from OpenAI's logit_bias, whose keys are token ids as strings and values -100 to 100."""
+    bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size or not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias maps token ids (0 to {vocab_size - 1}) to values from -100 to 100; "
+                                f"got {key!r}: {value}", "logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 def stops_of(request, limits):
@@ -191,9 +228,17 @@ class Job:
     history: list
     user_text: str
     sampling: SamplingConfig
+    logit_bias: dict  # {token id: bias}
+    top_logprobs: int | None  # None: no logprobs asked for
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event
+
+
+@dataclass
+class Piece:
+    text: str
+    logprobs: list  # OpenAI's logprob entries of the tokens behind this text; empty unless asked for
 
 
 @dataclass
@@ -237,26 +282,52 @@ class Worker:
         chat.sampling, chat.system, chat.history = job.sampling, job.system, list(job.history)
         chat.generator.manual_seed(job.sampling.seed)
         prompt_ids, _ = chat.add_user_turn(job.user_text)
-        for piece in chat.stream_reply(prompt_ids):
+        entries = []
+
+        def record_logprobs(token_id, logits):
+            entries.append(logprob_entry(chat, logits, token_id, job.top_logprobs))
+        on_token = record_logprobs if job.top_logprobs is not None else None
+        for text in chat.stream_reply(prompt_ids, job.logit_bias, on_token):
             if job.cancelled.is_set():
                 self.cancelled += 1
                 break
-            job.loop.call_soon_threadsafe(job.out.put_nowait, piece)
+            job.loop.call_soon_threadsafe(job.out.put_nowait, Piece(text, entries[:]))
+            entries.clear()
         ended = chat.last_answer_tokens < job.sampling.max_new_tokens
         return Finished(len(prompt_ids), chat.last_answer_tokens + ended, "stop" if ended else "length")
+
+
+def logprob_entry(chat, logits, token_id, top):
+    """OpenAI's logprobs entry of one token: its log-probability under the model (log_softmax of the model's
+    logits, before any penalty or temperature), its text and bytes, and the `top` likeliest tokens'. A special
+    token's text is its name, such as <|user|>."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+    def entry(i, logprob):
+        raw = chat.token_table[i] or chat.tokenizer.id_to_token(i).encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+    values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
+    top_entries = [entry(i, v) for i, v in zip(ids.tolist(), values.tolist())]
+    return entry(token_id, logprobs[token_id].item()) | {"top_logprobs": top_entries}
 
 
 # -----------------------------------------------------------------------------
 # The app
 
 
+def log_failure(request, error):
+    """One line on stderr for each request answered with an error."""
+    print(f"failed: {request.method} {request.url.path}: {error.status} {error.message}", file=sys.stderr,
+          flush=True)
+
+
 def completion_id():
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
-def chunk(cid, created, model_id, delta, finish_reason=None, usage=None):
+def chunk(cid, created, model_id, delta, finish_reason=None, usage=None, logprobs=None):
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
     if usage is not None:
         body |= {"choices": [], "usage": usage}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -300,11 +371,14 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
 
     @app.exception_handler(ApiError)
     async def api_error(request, error):
+        log_failure(request, error)
         return error.response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error):  # 404, 405: the same error object as everything else
-        return ApiError(error.status_code, str(error.detail), kind="invalid_request_error").response()
+        error = ApiError(error.status_code, str(error.detail), kind="invalid_request_error")
+        log_failure(request, error)
+        return error.response()
 
     def authorize(request):
         sent = request.headers.get("authorization", "")
@@ -318,8 +392,9 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
 
     @app.get("/health")
     async def health():
+        sampling = dataclasses.asdict(defaults) | {"max_tokens": defaults.max_new_tokens}
         return {"status": "ok", "model": model_id, "generating": worker.busy, "waiting": worker.jobs.qsize(),
-                "cancelled": worker.cancelled}
+                "cancelled": worker.cancelled, "sampling": sampling}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -338,8 +413,9 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         sampling = sampling_for(body, defaults, limits)
         stops = stops_of(body, limits)
         system, history, user_text = conversation_of(body.messages, limits)
-        job = Job(system, history, user_text, sampling, asyncio.get_running_loop(), asyncio.Queue(),
-                  threading.Event())
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        job = Job(system, history, user_text, sampling, logit_bias_of(body, chat.model.config.vocab_size),
+                  top_logprobs, asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
         worker.submit(job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -348,8 +424,9 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         return await complete(request, job, stops)
 
     async def pieces(job, stops):
-        """Text pieces as they are generated, cut at a stop sequence; ends with the Finished record.
-        Leaving early (a stop sequence, a disconnect) cancels the job."""
+        """Pieces as they are generated, their text cut at a stop sequence (the logprobs run up to the token
+        where it begins); ends with the Finished record. Leaving early (a stop sequence, a disconnect) cancels
+        the job."""
         scanner = StopScanner(stops)
         try:
             while True:
@@ -357,10 +434,10 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
                 if isinstance(item, ApiError):
                     raise item
                 if isinstance(item, Finished):
-                    yield scanner.flush()
+                    yield Piece(scanner.flush(), [])
                     yield item
                     return
-                yield scanner.push(item)
+                yield Piece(scanner.push(item.text), item.logprobs)
                 if scanner.stopped:
                     job.cancelled.set()
                     while not isinstance(item := await job.out.get(), (Finished, ApiError)):
@@ -381,9 +458,11 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
                     yield chunk(cid, created, model_id, {}, item.finish_reason)
                     if include_usage:
                         yield chunk(cid, created, model_id, {}, usage=usage_of(item))
-                elif item:
-                    yield chunk(cid, created, model_id, {"content": item})
+                elif item.text or item.logprobs:
+                    logprobs = {"content": item.logprobs, "refusal": None} if job.top_logprobs is not None else None
+                    yield chunk(cid, created, model_id, {"content": item.text}, logprobs=logprobs)
         except ApiError as e:  # the status line is already sent: the error goes in the stream, as OpenAI's does
+            print(f"failed: streamed /v1/chat/completions: {e.status} {e.message}", file=sys.stderr, flush=True)
             yield f"data: {json.dumps(e.payload())}\n\n"
         finally:
             job.cancelled.set()  # however the stream ends, a client that left frees the worker
@@ -391,20 +470,21 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
 
     async def complete(request, job, stops):
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        text, finished = [], None
+        text, entries, finished = [], [], None
         try:
             async for item in pieces(job, stops):
                 if isinstance(item, Finished):
                     finished = item
                 else:
-                    text.append(item)
+                    text.append(item.text)
+                    entries += item.logprobs
         finally:
             watcher.cancel()
         message = {"role": "assistant", "content": "".join(text)}
+        logprobs = {"content": entries, "refusal": None} if job.top_logprobs is not None else None
+        choice = {"index": 0, "message": message, "finish_reason": finished.finish_reason, "logprobs": logprobs}
         return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
-                "model": model_id, "choices": [{"index": 0, "message": message, "finish_reason": finished.finish_reason,
-                             "logprobs": None}],
-                "usage": usage_of(finished)}
+                "model": model_id, "choices": [choice], "usage": usage_of(finished)}
 
     return app
 

@@ -23,6 +23,7 @@ shuffled to the wrong questions (the floor). Results are appended to bench/resul
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +50,12 @@ LOOP_NGRAM, LOOP_REPEATS, LOOP_SPAN = 5, 3, 50  # flags 2.7% of OASST1's human a
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def half(items, which):
+    """The tuning half (even positions), the test half (odd) or all: settings are chosen on one half and
+    reported on the other, so that the report does not flatter them."""
+    return {"all": items, "tune": items[0::2], "test": items[1::2]}[which]
 
 
 def answer_all(model, tokenizer, prompts, sampling):
@@ -203,10 +210,19 @@ def main():
     parser.add_argument("--show", type=int, default=0, help="print this many knowledge answers per checkpoint")
     parser.add_argument("--note", default="", help="a note stored with the results")
     parser.add_argument("--results", default=str(RESULTS), help="JSONL file the results are appended to")
+    parser.add_argument("--half", choices=["all", "tune", "test"], default="all",
+                        help="the questions and prompts at even positions (tune), odd ones (test), or all")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="sampling settings instead of the chat's defaults, as its /set command takes them")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    questions, prompts = read_jsonl(args.questions), read_jsonl(args.prompts)
+    questions, prompts = half(read_jsonl(args.questions), args.half), half(read_jsonl(args.prompts), args.half)
     sampling = chat.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.set:
+        try:
+            sampling = chat.apply_settings(sampling, args.set)
+        except UserError as e:
+            raise SystemExit(f"error: --set: {e}")
     embedder, word_list = load_embedder(), load_word_list()
     rows = []
     for path in args.checkpoints:
@@ -214,7 +230,7 @@ def main():
             row = evaluate(path, questions, prompts, sampling, embedder, word_list)
         except UserError as e:
             raise SystemExit(f"error: {e}")
-        rows.append(row | {"note": args.note})
+        rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
         for question, reply, ok in row["answers"][:args.show]:
             print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")
     if args.reference:

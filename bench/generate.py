@@ -30,7 +30,7 @@ import newgpt  # noqa: E402
 def timed_generation(model, prompt, config, use_cache, ctx):
     started = time.perf_counter()
     tokens, first_token_s = [], None
-    for token in chat.generate(model, prompt, config, use_cache=use_cache, ctx=ctx):
+    for token, _ in chat.generate(model, prompt, config, use_cache=use_cache, ctx=ctx):
         if first_token_s is None:
             first_token_s = time.perf_counter() - started
         tokens.append(token)

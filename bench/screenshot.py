@@ -41,8 +41,12 @@ def main():
                 if turn < len(TURNS):
                     expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=120_000)
             page.fill("#prompt", "How long does the dough need to rise?")  # typed, not sent: the next turn
-            page.wait_for_function("document.querySelector('.msg.assistant.streaming')?.textContent.length > 60",
-                                   timeout=120_000)
+            # mid-answer once 60 characters are in, or the whole answer if it is shorter
+            page.wait_for_function(f"""() => {{
+                const answers = document.querySelectorAll('.msg.assistant'), last = answers[answers.length - 1];
+                return answers.length === {len(TURNS)} &&
+                       (last.textContent.length > 60 || !last.classList.contains('streaming'));
+            }}""", timeout=120_000)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out)
             browser.close()

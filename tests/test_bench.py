@@ -85,3 +85,8 @@ def test_screenshot(trained_run, tmp_path):
 
 def test_vocab(trained_run):
     assert "train B/tok" in run_bench("vocab.py", "--texts", trained_run.parent / "texts.json", "--sizes", "300", "320")
+
+
+def test_sampling_sweep(trained_run, tmp_path):
+    out = run_bench("sampling_sweep.py", trained_run, "--tiny", "--results", tmp_path / "sweep.jsonl")
+    assert "chosen on the tuning half" in out and "test half" in out

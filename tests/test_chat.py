@@ -57,8 +57,8 @@ def test_greedy_generation_with_cache_equals_without_past_the_window(pos_encodin
     model = tiny_model(pos_encoding)
     config = chat.SamplingConfig(temperature=0.0, max_new_tokens=150, repetition_penalty=1.3)
     prompt = torch.randint(0, 300, (20,)).tolist()
-    cached = list(chat.generate(model, prompt, config, use_cache=True))
-    uncached = list(chat.generate(model, prompt, config, use_cache=False))
+    cached = [t for t, _ in chat.generate(model, prompt, config, use_cache=True)]
+    uncached = [t for t, _ in chat.generate(model, prompt, config, use_cache=False)]
     assert len(cached) == 150, "150 tokens run well past the 32-token window"
     assert cached == uncached
 
@@ -72,8 +72,8 @@ def test_window_keeps_the_newest_half_when_full():
 def test_generation_stops_at_the_stop_token():
     model = tiny_model("rope")
     config = chat.SamplingConfig(temperature=0.0, max_new_tokens=50)
-    first = next(chat.generate(model, [1, 2, 3], config))
-    assert list(chat.generate(model, [1, 2, 3], config, stop_ids=(first,))) == [first]
+    first, _ = next(chat.generate(model, [1, 2, 3], config))
+    assert [t for t, _ in chat.generate(model, [1, 2, 3], config, stop_ids=(first,))] == [first]
 
 
 # ---- sampling
@@ -101,15 +101,49 @@ def test_repetition_penalty_lowers_repeated_tokens():
     assert after[0] < before[0] and after[1] < before[1]
 
 
+def test_frequency_and_presence_penalties_follow_openais_formula():
+    config = chat.SamplingConfig(repetition_penalty=1.0, frequency_penalty=0.5, presence_penalty=1.0)
+    context, answer = [3, 4, 1, 1, 2], [1, 1, 2]  # the prompt (3, 4) does not count
+    penalized = chat.penalize(torch.zeros(5), config, context, answer)
+    assert penalized.tolist() == [0.0, -(2 * 0.5 + 1.0), -(1 * 0.5 + 1.0), 0.0, 0.0]
+    encouraged = chat.penalize(torch.zeros(5), dataclasses.replace(config, frequency_penalty=-1.0,
+                                                                   presence_penalty=0.0), context, answer)
+    assert encouraged.tolist() == [0.0, 2.0, 1.0, 0.0, 0.0], "negative values make repeats likelier, as OpenAI's"
+
+
+def test_dry_penalises_the_token_that_would_continue_a_repeat():
+    context = [5, 6, 7, 9, 5, 6, 7]  # "5 6 7" was followed by 9: a 9 now would repeat four tokens
+    assert chat.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=2) == {9: 0.8 * 1.75 ** (3 - 2)}
+    assert chat.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=4) == {}, "a repeat of 3 is allowed"
+    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    penalized = chat.penalize(torch.zeros(10), config, context, [])
+    assert penalized[9].item() == pytest.approx(-1.4) and penalized[:9].abs().sum() == 0
+
+
+def test_no_repeat_ngram_bans_only_what_would_complete_a_seen_ngram():
+    assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}, "1 2 was followed by 3"
+    assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 2) == {3}, "2 was followed by 3"
+    assert chat.banned_by_ngrams([1, 2, 3, 4], 3) == set(), "3 4 never occurred before"
+    config = chat.SamplingConfig(repetition_penalty=1.0, no_repeat_ngram_size=3, temperature=0.0)
+    logits = torch.tensor([0.0, 0.0, 0.0, 5.0, 1.0])
+    assert chat.sample_next(logits, config, [1, 2, 3, 1, 2], [], None) == 4, "the likeliest token, 3, is banned"
+
+
+def test_min_p_keeps_tokens_within_a_fraction_of_the_likeliest():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = torch.isfinite(chat.filter_min_p(probs.log(), 0.2))
+    assert kept.tolist() == [True, True, True, False], "0.05 < 0.2 * 0.5"
+
+
 def test_same_seed_same_output_and_temperature_zero_is_argmax():
     logits = torch.randn(300)
     config = chat.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    draws = [chat.sample_next(logits, config, [], torch.Generator().manual_seed(5)) for _ in range(2)]
+    draws = [chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(5)) for _ in range(2)]
     assert draws[0] == draws[1]
-    many = {chat.sample_next(logits, config, [], torch.Generator().manual_seed(s)) for s in range(30)}
+    many = {chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(s)) for s in range(30)}
     assert len(many) > 1, "sampling at temperature 1 must vary with the seed"
     greedy = dataclasses.replace(config, temperature=0.0)
-    assert chat.sample_next(logits, greedy, [], None) == int(logits.argmax())
+    assert chat.sample_next(logits, greedy, [], [], None) == int(logits.argmax())
 
 
 def test_set_command_validates_every_value():
@@ -251,13 +285,15 @@ def test_bad_values_are_one_line_errors(checkpoint_dir, flags, message, capsys):
 
 @pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_chat_quietly(checkpoint_dir):
-    """`--prompt ... | head -c 1`: the pipe closes while the answer still streams."""
-    args = ["--ckpt", checkpoint_dir, "--prompt", "Hi", "--max_new_tokens", "400", "--temperature", "1",
-            "--repetition_penalty", "1", "--seed", "5"]
-    whole = run_chat(*args)
-    assert len(whole.stdout) > 200, "the answer is long enough that writing goes on after the reader left"
+    """`... | head -c 1`: the pipe closes while the chat still has answers to write."""
+    args = ["--ckpt", checkpoint_dir, "--max_new_tokens", "8"]
+    stdin = "".join(f"question {i}\n" for i in range(30))
+    whole = run_chat(*args, stdin=stdin)
+    assert whole.returncode == 0 and len(whole.stdout) > 300, "writing goes on long after the first byte"
     process = subprocess.Popen([sys.executable, str(REPO / "chat_with_model.py"), *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdin.write(stdin.encode())
+    process.stdin.close()
     process.stdout.read(1)
     process.stdout.close()
     stderr = process.stderr.read().decode()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
 import chat_with_model as chat
 import export_hf
@@ -92,7 +92,7 @@ def test_greedy_generate_equals_our_kv_cache_generation(exported_run, trained_ru
     greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
     for question in ("What is one plus two?", "And times two?"):
         prompt = conversation.render([("user", question)])
-        ours = list(chat.generate(model, prompt, greedy, stop_ids=(end_id,)))
+        ours = [t for t, _ in chat.generate(model, prompt, greedy, stop_ids=(end_id,))]
         theirs = export_hf.greedy_generate(hf_model, prompt, max_new_tokens=20)
         assert theirs == ours, f"{question!r}: transformers generated {theirs}, we generated {ours}"
 
@@ -150,3 +150,12 @@ def test_model_card_describes_this_checkpoint_and_names_each_source_with_its_lic
     assert "chat stage" in source_line and "Apache-2.0" in source_line, source_line
     assert f'model="{exported_run.name}"' in card and str(exported_run.parent) not in card, \
         "the usage example names the folder, not a path on the exporting machine"
+
+
+def test_the_exported_generation_config_carries_the_chats_sampling(exported_run):
+    config, sampling = GenerationConfig.from_pretrained(exported_run), chat.SamplingConfig()
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p, config.repetition_penalty,
+            config.no_repeat_ngram_size, config.max_new_tokens) == \
+        (True, sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty,
+         sampling.no_repeat_ngram_size, sampling.max_new_tokens)
+    assert config.min_p == (sampling.min_p or None)

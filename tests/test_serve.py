@@ -2,8 +2,10 @@
 malformed requests), concurrency, disconnects, and the chat page in a real headless Chromium."""
 
 import contextlib
+import dataclasses
 import http.client
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 import chat_with_model as chat
 from runtime import RELEASE_DIR
@@ -24,9 +27,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 MAX_TOKENS = 12
 
 
+STDERR = {}  # base URL -> the lines its server wrote to stderr so far
+
+
 @contextlib.contextmanager
 def running_server(ckpt, *flags):
-    """serve.py in its own process on a free port; yields its base URL and stops it afterwards."""
+    """serve.py in its own process on a free port; yields its base URL and stops it afterwards. Both of its
+    pipes are drained, its stderr into STDERR[url]."""
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(ckpt), "--port", "0",
                                 "--max_new_tokens", str(MAX_TOKENS), *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -35,6 +42,8 @@ def running_server(ckpt, *flags):
         assert line.startswith("serving "), f"no start-up line: {line!r} {process.stderr.read()[-2000:]}"
         url = line.split(" on ")[1].split()[0]
         threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+        STDERR[url] = []
+        threading.Thread(target=lambda: STDERR[url].extend(process.stderr), daemon=True).start()
         yield url
     finally:
         process.terminate()
@@ -168,7 +177,7 @@ def test_stop_sequences_cut_the_answer(client):
     (b'{"messages": "hello"}', 400, "messages"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
     (b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature must be a finite number >= 0"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature must be between 0 and 2"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
@@ -185,6 +194,93 @@ def test_malformed_requests_get_an_error_object_and_the_server_stays_up(server, 
     assert got == status, answer
     assert set(answer["error"]) >= {"message", "type", "param", "code"} and words in answer["error"]["message"]
     assert health(server)["status"] == "ok"
+
+
+REFUSED = [  # (the request's extra fields, the parameter the 400 must name)
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"wizardry": 1}, "wizardry"),
+    ({"frequency_penalty": "a"}, "frequency_penalty"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"presence_penalty": -2.5}, "presence_penalty"),
+    ({"stream": "yes"}, "stream"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"logit_bias": {"abc": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, "logit_bias"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"min_p": 2}, "min_p"),
+    ({"seed": 1.5}, "seed"),
+]
+
+
+@pytest.mark.slow
+def test_every_parameter_not_honoured_is_refused_by_name_and_logged(server):
+    for extra, param in REFUSED:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], **extra}).encode()  # NaN as NaN
+        got, answer = raw_request(server, "POST", "/v1/chat/completions", body)
+        assert got == 400 and param in answer["error"]["message"], (extra, answer)
+        assert (answer["error"]["param"] or "").split(".")[0] == param, (extra, answer)
+    assert health(server)["status"] == "ok"
+    logged = [line for line in STDERR[server] if line.startswith("failed: POST /v1/chat/completions: 400")]
+    assert len(logged) >= len(REFUSED), "each failed request leaves one line in the server's log"
+
+
+@pytest.mark.slow
+def test_openai_penalties_and_the_extensions_sample_as_the_terminal_chat(client, local_chat):
+    turns = [{"role": "user", "content": "one plus two"}]
+    settings = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "temperature": 0.9}
+    extensions = {"min_p": 0.05, "dry_multiplier": 0.8, "no_repeat_ngram_size": 3, "repetition_penalty": 1.0}
+    result = client.chat.completions.create(model="tinygpt", messages=turns, seed=9, extra_body=extensions,
+                                            **settings)
+    expected, _, _ = local_answer(local_chat, turns, 9, **settings, **extensions)
+    assert result.choices[0].message.content == expected
+    plain = client.chat.completions.create(model="tinygpt", messages=turns, seed=9, temperature=0.9)
+    assert plain.choices[0].message.content != expected, "the settings change the answer: they are applied"
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens(client, local_chat):
+    turns = [{"role": "user", "content": "two plus two"}]
+    greedy = {"temperature": 0.0, "extra_body": {"repetition_penalty": 1.0}}
+    result = client.chat.completions.create(model="tinygpt", messages=turns, logprobs=True, top_logprobs=3,
+                                            **greedy)
+    entries = result.choices[0].logprobs.content
+    local_chat.history, local_chat.system = [], ""
+    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
+    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=MAX_TOKENS)
+    steps = [(i, logits) for i, logits in chat.generate(local_chat.model, prompt_ids, config, (local_chat.end_id,))
+             if i != local_chat.end_id]
+    assert len(entries) == len(steps) >= 1
+    for entry, (token_id, logits) in zip(entries, steps):
+        expected = torch.log_softmax(logits.float(), -1)
+        assert entry.logprob == pytest.approx(expected[token_id].item(), abs=1e-5)
+        raw = local_chat.token_table[token_id] or local_chat.tokenizer.id_to_token(token_id).encode()  # <|user|>
+        assert bytes(entry.bytes) == raw and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(expected.max().item(), abs=1e-5), "greedy: the top"
+    plain = client.chat.completions.create(model="tinygpt", messages=turns, **greedy)
+    assert plain.choices[0].logprobs is None, "no logprobs unless asked for"
+
+
+@pytest.mark.slow
+def test_logit_bias_makes_a_token_certain_or_impossible(client, local_chat):
+    turns = [{"role": "user", "content": "two plus two"}]
+    token_a = local_chat.tokenizer.token_to_id("a")
+    forced = client.chat.completions.create(model="tinygpt", messages=turns, temperature=0.0,
+                                            logit_bias={str(token_a): 100})
+    assert forced.choices[0].message.content == "a" * MAX_TOKENS
+    local_answer(local_chat, turns, 0, temperature=0.0)
+    local_chat.history, local_chat.system = [], ""
+    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
+    (first_id, _), = chat.generate(local_chat.model, prompt_ids, dataclasses.replace(local_chat.sampling,
+                                                                                        max_new_tokens=1))
+    banned = client.chat.completions.create(model="tinygpt", messages=turns, temperature=0.0, max_tokens=1,
+                                            logprobs=True, logit_bias={str(first_id): -100})
+    raw = local_chat.token_table[first_id] or local_chat.tokenizer.id_to_token(first_id).encode()
+    assert bytes(banned.choices[0].logprobs.content[0].bytes) != raw, "-100 bans the greedy choice"
 
 
 @pytest.mark.slow
@@ -253,6 +349,19 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
 
 
 # ---- the parts without a server
+
+
+def test_every_sampling_option_is_a_flag_a_set_name_a_page_setting_and_an_api_parameter():
+    options = {f.name for f in dataclasses.fields(chat.SamplingConfig)} - {"seed", "max_new_tokens"}
+    page_settings = set(re.findall(r'<input id="(\w+)" type="number"', serve.PAGE.read_text()))
+    assert page_settings == options | {"max_tokens"}
+    assert options <= set(serve.ChatRequest.model_fields), options - set(serve.ChatRequest.model_fields)
+    flags = {action.dest for action in chat.build_parser()._actions}
+    assert options <= flags
+    for name in options:
+        value = {int: "2", float: "1.0"}[type(getattr(chat.SamplingConfig(), name))]  # valid for every option
+        changed = chat.apply_settings(chat.SamplingConfig(), [f"{name}={value}"])
+        assert getattr(changed, name) == float(value), f"/set {name}={value}"
 
 
 def test_stop_scanner_holds_back_a_possible_start_of_a_stop_sequence():
