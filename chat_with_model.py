@@ -36,10 +36,11 @@ from runtime import UserError
 
 @dataclass
 class SamplingConfig:
-    temperature: float = field(default=0.3, metadata={"help": "softmax temperature; 0 means greedy"})
-    top_k: int = field(default=40, metadata={"help": "sample from the k most likely tokens (0: off)"})
-    top_p: float = field(default=0.9, metadata={"help": "sample from the smallest set with this mass (1: off)"})
-    min_p: float = field(default=0.0, metadata={
+    # The defaults were chosen by bench/sampling_sweep.py on half of the bench's prompts (bench/RESULTS.md).
+    temperature: float = field(default=0.5, metadata={"help": "softmax temperature; 0 means greedy"})
+    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0: off)"})
+    top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set with this mass (1: off)"})
+    min_p: float = field(default=0.05, metadata={
         "help": "drop tokens less likely than min_p times the likeliest one (Nguyen et al. 2024; 0: off)"})
     repetition_penalty: float = field(default=1.3, metadata={"help": "push recent tokens down by this (1: off)"})
     repetition_window: int = field(default=64, metadata={"help": "how many recent tokens the penalty looks at"})
@@ -47,7 +48,7 @@ class SamplingConfig:
         "help": "OpenAI's: subtract this times a token's count in the answer so far from its logit (-2 to 2)"})
     presence_penalty: float = field(default=0.0, metadata={
         "help": "OpenAI's: subtract this from the logit of every token already in the answer (-2 to 2)"})
-    dry_multiplier: float = field(default=0.0, metadata={
+    dry_multiplier: float = field(default=0.8, metadata={
         "help": "DRY: penalise a token that would continue a repeat of the context, by multiplier * "
                 "base^(repeat length - allowed length) (0: off)"})
     dry_base: float = field(default=1.75, metadata={"help": "DRY: how fast the penalty grows with the repeat"})

@@ -61,7 +61,8 @@ def main():
     hf_model = export_hf.to_hf_model(model, {"bos": None, "eos": None, "pad": None})
     block_size = model.config.block_size
     ctx = newgpt.autocast_context("cpu", args.dtype)
-    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=args.new_tokens)
+    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
+                                 max_new_tokens=args.new_tokens)
     print(f"model: {model.num_params() / 1e6:.2f}M params, block_size {block_size}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens per run, medians of {args.repeats}\n")
     print(f"{'prompt':>11} {'no cache tok/s':>15} {'cache tok/s':>12} {'speed-up':>9} {'TTFT no cache':>14} "

@@ -102,7 +102,8 @@ def test_repetition_penalty_lowers_repeated_tokens():
 
 
 def test_frequency_and_presence_penalties_follow_openais_formula():
-    config = chat.SamplingConfig(repetition_penalty=1.0, frequency_penalty=0.5, presence_penalty=1.0)
+    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, frequency_penalty=0.5,
+                                 presence_penalty=1.0)
     context, answer = [3, 4, 1, 1, 2], [1, 1, 2]  # the prompt (3, 4) does not count
     penalized = chat.penalize(torch.zeros(5), config, context, answer)
     assert penalized.tolist() == [0.0, -(2 * 0.5 + 1.0), -(1 * 0.5 + 1.0), 0.0, 0.0]
@@ -124,7 +125,7 @@ def test_no_repeat_ngram_bans_only_what_would_complete_a_seen_ngram():
     assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}, "1 2 was followed by 3"
     assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 2) == {3}, "2 was followed by 3"
     assert chat.banned_by_ngrams([1, 2, 3, 4], 3) == set(), "3 4 never occurred before"
-    config = chat.SamplingConfig(repetition_penalty=1.0, no_repeat_ngram_size=3, temperature=0.0)
+    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, no_repeat_ngram_size=3, temperature=0.0)
     logits = torch.tensor([0.0, 0.0, 0.0, 5.0, 1.0])
     assert chat.sample_next(logits, config, [1, 2, 3, 1, 2], [], None) == 4, "the likeliest token, 3, is banned"
 
@@ -137,7 +138,7 @@ def test_min_p_keeps_tokens_within_a_fraction_of_the_likeliest():
 
 def test_same_seed_same_output_and_temperature_zero_is_argmax():
     logits = torch.randn(300)
-    config = chat.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    config = chat.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
     draws = [chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(5)) for _ in range(2)]
     assert draws[0] == draws[1]
     many = {chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(s)) for s in range(30)}

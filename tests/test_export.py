@@ -89,7 +89,7 @@ def test_greedy_generate_equals_our_kv_cache_generation(exported_run, trained_ru
     end_id = tokenizer.token_to_id("<|end|>")
     assert hf_model.generation_config.eos_token_id == end_id, "HF generation stops at end-of-turn"
     conversation = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(), "cpu", "float32")
-    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=20)
+    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=20)
     for question in ("What is one plus two?", "And times two?"):
         prompt = conversation.render([("user", question)])
         ours = [t for t, _ in chat.generate(model, prompt, greedy, stop_ids=(end_id,))]
@@ -103,7 +103,7 @@ def test_pipeline_answers_a_chat_message_as_our_chat_does(exported_run, trained_
                       repetition_penalty=1.0)
     message = reply[0]["generated_text"][-1]
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
-    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
+    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=12)
     ours = chat.Chat(model.eval(), tokenizer, greedy, "cpu", "float32")
     expected = "".join(ours.stream_reply(ours.add_user_turn("What is two plus two?")[0]))
     assert message["role"] == "assistant" and message["content"] == expected

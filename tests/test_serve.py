@@ -245,13 +245,14 @@ def test_openai_penalties_and_the_extensions_sample_as_the_terminal_chat(client,
 @pytest.mark.slow
 def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens(client, local_chat):
     turns = [{"role": "user", "content": "two plus two"}]
-    greedy = {"temperature": 0.0, "extra_body": {"repetition_penalty": 1.0}}
+    greedy = {"temperature": 0.0, "extra_body": {"repetition_penalty": 1.0, "dry_multiplier": 0.0}}
     result = client.chat.completions.create(model="tinygpt", messages=turns, logprobs=True, top_logprobs=3,
                                             **greedy)
     entries = result.choices[0].logprobs.content
     local_chat.history, local_chat.system = [], ""
     prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
-    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=MAX_TOKENS)
+    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
+                                 max_new_tokens=MAX_TOKENS)
     steps = [(i, logits) for i, logits in chat.generate(local_chat.model, prompt_ids, config, (local_chat.end_id,))
              if i != local_chat.end_id]
     assert len(entries) == len(steps) >= 1
