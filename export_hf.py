@@ -146,9 +146,10 @@ NOT_IN_TRANSFORMERS = ("frequency_penalty", "presence_penalty", "dry_multiplier"
 def sampling_differences():
     """What the model card says about sampling: the chat's defaults that transformers applies, and how."""
     sampling = SamplingConfig()
+    off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "no_repeat_ngram_size": 0}
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size")
     applied = ", ".join(f"{name.replace('_', ' ')} {getattr(sampling, name)}" for name in names
-                        if getattr(sampling, name) or name in ("temperature", "repetition_penalty"))
+                        if getattr(sampling, name) != off.get(name))
     missing = [f"{name.replace('_', ' ')} {getattr(sampling, name)}" for name in NOT_IN_TRANSFORMERS
                if getattr(sampling, name)]
     note = (f" The chat also applies {', '.join(missing)} (DRY: base {sampling.dry_base}, allowed length "
