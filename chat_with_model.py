@@ -7,10 +7,12 @@ whole conversation (rendered with the same function that rendered its training d
     python chat_with_model.py --prompt "What is a llama?"
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
 
-Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling applies a
-CTRL-style repetition penalty, then temperature (0 means greedy), top-k and top-p (nucleus) filtering,
-with a seeded torch.Generator. Output bytes go through an incremental UTF-8 decoder, so a character split
-across tokens is never printed broken. The model, the chat format and load_checkpoint come from newgpt.py.
+Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling first
+pushes repeats down (a CTRL penalty on recent tokens, OpenAI's frequency and presence penalties, DRY on
+repeated sequences, banned n-grams), then applies temperature (0 means greedy), top-k, top-p and min-p,
+and draws with a seeded torch.Generator. Output bytes go through an incremental UTF-8 decoder, so a
+character split across tokens is never printed broken. The model, the chat format and load_checkpoint
+come from newgpt.py.
 """
 
 import argparse
