@@ -463,7 +463,6 @@ def load_or_build_texts(cfg):
     return texts, "built"
 
 
-
 # -----------------------------------------------------------------------------
 # Streaming: a knowledge source larger than memory becomes token shards on disk, read memory-mapped
 

@@ -393,7 +393,6 @@ def check_model_config(config):
         raise UserError("n_layer, n_head and n_embd must be positive and dropout in [0, 1)")
 
 
-
 # -----------------------------------------------------------------------------
 # Tokenizer: byte-level BPE (any UTF-8 text round-trips) plus the chat's special tokens.
 
@@ -499,8 +498,6 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
     return ids, mask
 
 
-
-
 class PackedRows:
     """A token stream cut into non-overlapping rows of block_size + 1 tokens (inputs plus shifted
     targets). Conversations are packed back to back, so no compute is spent on padding; attention may
@@ -526,7 +523,6 @@ class PackedRows:
         return x, y
 
 
-
 @functools.lru_cache(maxsize=2)
 def row_order(n_rows, seed, epoch):
     """The seeded shuffle of one epoch; cached, since every micro-batch of the epoch reads it."""
@@ -542,7 +538,6 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
         epoch, position = divmod(i, n_rows)
         rows.append(row_order(n_rows, cfg.seed, epoch)[position])
     return rows
-
 
 
 def prepare_tokenizer(texts, vocab_size, out_dir):
@@ -904,7 +899,6 @@ def make_release(source, out_dir):
     path = checkpoint_file(source)
     _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
     return write_release(path, ckpt, out_dir)
-
 
 
 # -----------------------------------------------------------------------------
