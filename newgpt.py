@@ -1212,19 +1212,19 @@ def configs_from_args(args):
         return next((layer[f.name] for layer in layers if f.name in layer), field_default(f))
     model_config = GPTConfig(**{f.name: value(f) for f in dataclasses.fields(GPTConfig)})
     train_config = TrainConfig(**{f.name: value(f) for f in dataclasses.fields(TrainConfig)})
-    return model_config, train_config, size_note(args, given, resumed, depth, device_type, max_minutes)
+    return model_config, train_config, size_note(args, given, resumed, depth, size, device_type, max_minutes)
 
 
-def size_note(args, given, resumed, depth, device_type, max_minutes):
-    """How the model's size was chosen, for the run's first lines."""
+def size_note(args, given, resumed, depth, size, device_type, max_minutes):
+    """How the model's size (size_for_depth's `size` at `depth`) was chosen, for the run's first lines."""
     if resumed:
         return "the checkpoint's"
-    chosen = {name for name in size_for_depth(depth, device_type) if name in given or name in RECIPES[args.recipe]}
+    chosen = {name for name in size if name in given or name in RECIPES[args.recipe]}
     if {"n_layer", "n_head", "n_embd"} <= chosen and not args.depth:
         return "as given"
     budget = f" and a {max_minutes:g}-minute budget" if max_minutes else ""
     how = "from --depth" if args.depth else f"chosen for {device_type}{budget}; --depth overrides"
-    flags = ", ".join(f"--{name}" for name in size_for_depth(depth, device_type) if name in chosen)
+    flags = ", ".join(f"--{name}" for name in size if name in chosen)
     return f"depth {depth}, {how}" + (f" ({flags} as given)" if flags else "")
 
 
