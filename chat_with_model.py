@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import make_conversation
+from data import HOLDOUT_FILES, make_conversation
 from newgpt import (KVCache, autocast_context, default_checkpoint, load_checkpoint, pick_device, pick_dtype,
                     render_conversations, token_bytes)
+from retrieval import conversation_query, format_passages, open_index
 from runtime import UserError
 
 # -----------------------------------------------------------------------------
@@ -205,11 +206,13 @@ def window_start(n_tokens, start, block_size):
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all, which no_grad still keeps: faster per token
-def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None, logit_bias=None):
+def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None, logit_bias=None,
+             copyable=(0, 0)):
     """Yield (token id, the model's logits for it) one token at a time, until a stop id (yielded too) or
-    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. With use_cache,
-    the context is prefilled once and each step feeds only the newest token; without it, each step re-runs
-    the whole context window. Both see exactly the same context, so they agree."""
+    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. The repetition
+    penalties do not look at prompt positions copyable[0]:copyable[1] (the passages: copying from them is the
+    point). With use_cache, the context is prefilled once and each step feeds only the newest token; without
+    it, each step re-runs the whole context window. Both see exactly the same context, so they agree."""
     device = next(model.parameters()).device
     tokens, start, cache = list(prompt_ids), 0, None
     if logit_bias:
@@ -226,7 +229,8 @@ def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=T
             logits, _ = model(torch.tensor([feed], device=device), kv_cache=cache)
         row = logits[0, -1]
         biased = row.index_add(0, bias_ids, bias_values) if logit_bias else row
-        next_id = sample_next(biased, config, tokens[start:], tokens[len(prompt_ids):], generator)
+        seen = tokens[start:copyable[0]] + tokens[max(start, copyable[1]):] if copyable[1] > start else tokens[start:]
+        next_id = sample_next(biased, config, seen, tokens[len(prompt_ids):], generator)
         yield next_id, row
         if next_id in stop_ids:
             return
@@ -254,8 +258,11 @@ class Utf8Stream:
 class Chat:
     """History, prompt rendering within the context window, and streaming answers."""
 
-    def __init__(self, model, tokenizer, sampling, device, dtype):
+    def __init__(self, model, tokenizer, sampling, device, dtype, index=None):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.index = index  # a KnowledgeIndex to look things up in (--knowledge), or None
+        self.retrieval = index is not None  # /retrieval on|off
+        self.passages = []  # what was looked up for the newest user turn
         self.ctx = autocast_context(device, dtype)
         # On the model's device: torch.multinomial samples there, from logits that never leave it.
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
@@ -265,30 +272,43 @@ class Chat:
         self.max_input_chars = 32 * model.config.block_size
         self.assistant_id = tokenizer.token_to_id("<|assistant|>")
         self.end_id = tokenizer.token_to_id("<|end|>")
+        self.context_id = tokenizer.token_to_id("<|context|>")
         self.token_table = token_bytes(tokenizer)
 
     def reset(self):
         self.history = []
 
-    def render(self, history):
+    def render(self, history, passages=()):
+        """The prompt: the system prompt, the history, the passages for the newest user turn, <|assistant|>."""
         turns = ([("system", self.system)] if self.system else []) + history
+        turns += [("context", format_passages(passages))] if passages else []
         ids, _ = render_conversations(self.tokenizer, [make_conversation(turns, "chat")])[0]
         return ids + [self.assistant_id]
 
+    def look_up(self, history):
+        """Passages for the newest user turn (a short follow-up also uses the turns before it)."""
+        if not self.retrieval:
+            return []
+        return self.index.search(conversation_query([content for role, content in history if role == "user"]))
+
     def add_user_turn(self, user_text):
-        """Append a user turn and return (prompt ids, notice). The oldest exchanges are dropped (never
-        the system prompt) until the prompt leaves room for max_new_tokens; a message too long on its
-        own keeps its end. The notice says what was cut, if anything."""
+        """Append a user turn, look up passages for it, and return (prompt ids, notice). The oldest exchanges
+        are dropped (never the system prompt) until the prompt leaves room for max_new_tokens, then the
+        weakest passages; a message too long on its own keeps its end. The notice says what was cut."""
         block_size = self.model.config.block_size
         # A longer answer than fits slides the window during generation; the prompt keeps at least half.
         budget = max(block_size // 2, block_size - self.sampling.max_new_tokens)
         history = self.history + [("user", user_text[-self.max_input_chars:])]
-        while len(history) > 1 and len(self.render(history)) > budget:
+        passages = self.look_up(history)
+        while len(history) > 1 and len(self.render(history, passages)) > budget:
             history = history[1:]
             while history[0][0] == "assistant":  # drop whole exchanges: the history starts with a question
                 history = history[1:]
+        while passages and len(self.render(history, passages)) > budget:
+            passages = passages[:-1]
+        self.passages = passages
         dropped = len(self.history) + 1 - len(history)
-        ids = self.render(history)
+        ids = self.render(history, passages)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
         if len(ids) > budget:
             while len(ids) > budget:  # re-encoding a cut text can merge tokens differently: repeat until it fits
@@ -308,9 +328,13 @@ class Chat:
         the caller stops early (Ctrl-C). on_token(token id, logits) sees each token before its piece."""
         stream, pieces = Utf8Stream(self.token_table), []
         self.last_answer_tokens = 0
+        copyable = (0, 0)  # where the passages are, so that copying from them is not penalised as repetition
+        if self.context_id in prompt_ids:
+            start = prompt_ids.index(self.context_id)
+            copyable = (start, prompt_ids.index(self.end_id, start) + 1)
         try:
             for token_id, logits in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
-                                             ctx=self.ctx, logit_bias=logit_bias):
+                                             ctx=self.ctx, logit_bias=logit_bias, copyable=copyable):
                 if token_id == self.end_id:
                     break
                 self.last_answer_tokens += 1
@@ -333,6 +357,8 @@ HELP = """commands:
   /system TEXT          set the system prompt (empty TEXT clears it) and reset
   /set NAME=VALUE ...   change sampling, e.g. /set temperature=0.7 top_p=0.9
   /settings             show the sampling settings
+  /sources              show the passages looked up for the last answer (--knowledge)
+  /retrieval on|off     look things up before answering, or not (--knowledge)
   /quit, exit, Ctrl-D   leave; Ctrl-C stops an answer, and at an empty prompt leaves"""
 
 
@@ -356,7 +382,15 @@ def apply_settings(sampling, assignments):
     return updated
 
 
-def stream_answer(chat, user_text, out, show_speed):
+def sources_line(passages):
+    """One short line naming where the passages came from: their titles (or first words)."""
+    names = [p.title or " ".join(p.text.split()[:6]) + " ..." for p in passages]
+    return "sources: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(names, start=1))
+
+
+def stream_answer(chat, user_text, out, show_speed, notes=sys.stderr):
+    """Stream one answer to out; the sources line goes to notes (stderr for --prompt, so stdout stays the
+    answer alone)."""
     started = time.time()
     prompt_ids, notice = chat.add_user_turn(user_text)
     if notice:
@@ -368,6 +402,9 @@ def stream_answer(chat, user_text, out, show_speed):
     except KeyboardInterrupt:
         out.write(" [stopped]")
     out.write("\n")
+    if chat.passages:
+        out.flush()
+        notes.write(sources_line(chat.passages) + "\n")
     if show_speed:
         seconds = time.time() - started
         out.write(f"[{chat.last_answer_tokens} tokens in {seconds:.2f}s, "
@@ -389,6 +426,14 @@ def handle_command(chat, line, out):
         chat.system = rest.strip()
         chat.reset()
         out.write(f"(system prompt {'set' if chat.system else 'cleared'}; conversation cleared)\n")
+    elif command == "/sources":
+        out.write((format_passages(chat.passages) if chat.passages else "(no passages for the last answer)") + "\n")
+    elif command == "/retrieval":
+        if chat.index is None or rest.strip() not in ("on", "off"):
+            out.write("usage: /retrieval on|off (needs --knowledge PATH)\n")
+        else:
+            chat.retrieval = rest.strip() == "on"
+            out.write(f"(retrieval {rest.strip()})\n")
     elif command == "/settings":
         out.write(" ".join(f"{k}={v}" for k, v in dataclasses.asdict(chat.sampling).items()) + "\n")
     elif command == "/set":
@@ -433,7 +478,7 @@ def repl(chat, interactive, show_speed):
             continue
         out.write("bot> ")
         try:
-            stream_answer(chat, line, out, show_speed)
+            stream_answer(chat, line, out, show_speed, notes=out)
         except UserError as e:
             out.write(f"error: {e}\n")
         if not interactive:
@@ -445,6 +490,8 @@ def add_model_arguments(parser):
     parser.add_argument("--ckpt", help="checkpoint file, or a directory to take the newest from (default: the "
                                        "newest in ckpt/, else the release model shipped in ckpt/release/)")
     parser.add_argument("--system", default="", help="system prompt")
+    parser.add_argument("--knowledge", help="look things up before each answer in this knowledge file, folder "
+                                            "or dataset id (indexed on first use, then cached; retrieval.py)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: float32 on CPU (a one-token step under bf16 autocast re-casts every weight, "
@@ -464,7 +511,13 @@ def load_chat(args):
     path = args.ckpt or default_checkpoint()
     model, tokenizer, ckpt = load_checkpoint(path, device)
     dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
-    chat = Chat(model.eval(), tokenizer, sampling, device, dtype)
+    index = None
+    if args.knowledge:
+        if tokenizer.token_to_id("<|context|>") is None:
+            raise UserError(f"{path} was not trained to read passages (its tokenizer has no <|context|>); "
+                            f"train or fine-tune one with newgpt.py --knowledge PATH")
+        index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
+    chat = Chat(model.eval(), tokenizer, sampling, device, dtype, index)
     chat.system = args.system
     return chat, path, ckpt
 

@@ -5,7 +5,8 @@ and, for streamed knowledge sources, the shard writer at the end.
 
     formats (OASST message tables and trees, Llama-2 [INST] chat, "### Human:" chat, Dolly instructions,
     plain documents; .jsonl(.gz), .json, .parquet, or a Hugging Face dataset id)
-      -> conversations {"turns": [{"role": "system"|"user"|"assistant"|"text", "content": str}], "group": str}
+      -> conversations {"turns": [{"role": "system"|"user"|"context"|"assistant"|"text", "content": str}],
+                        "group": str} ("context": passages the next answer reads from)
       -> cleaned, deduplicated, split into train/val by message tree, evaluation prompts held out
       -> train_texts.json, rebuilt only when its sources or options change
 
@@ -228,8 +229,10 @@ def records_to_conversations(records, source, langs, branches):
     for i, r in enumerate(records):
         group = f"{source}:{i}"
         if fmt == "instruction":
-            prompt = r["instruction"] + ("\n\n" + r["context"] if (r.get("context") or "").strip() else "")
-            conversations.append(make_conversation([("user", prompt), ("assistant", r["response"])], group))
+            # A record's own context (Dolly's reading tasks) is the passage the answer reads from.
+            context = [("context", r["context"])] if (r.get("context") or "").strip() else []
+            turns = [("user", r["instruction"]), *context, ("assistant", r["response"])]
+            conversations.append(make_conversation(turns, group))
         else:
             conversations.append(text_record_conversation(r, group))
     return conversations
@@ -420,7 +423,8 @@ def build_options(cfg):
 
     holdout = [content_hash(Path(p).read_text()) if Path(p).is_file() else p for p in cfg.holdout]
     return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
-            "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout}
+            "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout,
+            **({"knowledge": cfg.knowledge} if cfg.knowledge else {})}
 
 
 def is_texts_file(texts):
@@ -449,9 +453,10 @@ def read_texts_file(path):
     return texts
 
 
-def load_or_build_texts(cfg):
+def load_or_build_texts(cfg, add_passages=None):
     """train_texts.json is reused when it was built from the same sources and options, or when it has no
-    build record at all (a user's own file in the same format); otherwise it is rebuilt."""
+    build record at all (a user's own file in the same format); otherwise it is rebuilt. With --knowledge,
+    add_passages(texts) -> texts (retrieval.py's, passed in by newgpt.py) teaches the chats to read."""
     path = Path(cfg.texts)
     options = build_options(cfg)
     if path.is_file():
@@ -459,6 +464,8 @@ def load_or_build_texts(cfg):
         if texts.get("build", options) == options:
             return texts, "reused"
     texts = build_texts(cfg)
+    if cfg.knowledge:
+        texts = add_passages(texts)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8"))
     return texts, "built"
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
                   load_or_build_texts, read_holdout, split_weight)
+from retrieval import add_passages
 from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write, barrier, check_out_dir,
                      checkpoint_file, checkpoint_paths, format_minutes, keep_freed_memory, latest_checkpoint,
                      max_over_ranks, plot_metrics, rank_zero_print, read_checkpoint, resume_checkpoint,
@@ -54,8 +55,9 @@ from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|context|>"]
+# "context" holds passages looked up for the user turn before it (retrieval.py); like the user's, never a target.
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "context": "<|context|>"}
 IGNORE_INDEX = -1  # target value that gets no loss (prompter tokens under --loss_on assistant)
 
 # -----------------------------------------------------------------------------
@@ -97,6 +99,12 @@ class TrainConfig:
                 "one of them, or a close paraphrase, are dropped"})
     val_data: list = field(default_factory=list, metadata={
         "help": "held-out sources; without it about 2%% of the message trees are held out"})
+    knowledge: str = field(default="", metadata={
+        "help": "teach the model to read: chats get passages retrieved from this knowledge file, folder or "
+                "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them"})
+    init_from: str = field(default="", metadata={
+        "help": "start from this checkpoint's weights and tokenizer with a fresh optimizer and schedule (a "
+                "fine-tune); its vocabulary gains any chat-format token it lacks"})
     texts: str = field(default="train_texts.json", metadata={
         "help": "prepared conversations, written from --data and reused while the sources match"})
     langs: str = field(default="en", metadata={"help": "comma-separated language codes to keep, or 'all'"})
@@ -422,26 +430,30 @@ def file_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+TARGET, PROMPT, PASSAGE = 1, 0, 2  # the mask's values: PROMPT tokens are targets only under --loss_on all
+
+
 def render_conversations(tokenizer, conversations):
-    """Conversations -> (ids, mask) pairs; mask[i] = 1 where token i is a training target.
+    """Conversations -> (ids, mask) pairs; mask[i] says whether token i is a training target.
 
     Layout: <|bos|> then per turn <|role|> content <|end|>; a plain document is <|bos|> text <|end|>.
     Targets are the assistant replies with their <|end|> (so the model learns to stop) and documents.
+    Passages (the context turn) are never targets: the model learns to read them, not to recite them.
     All contents are encoded in one batch call; chat renders its history with this same function."""
     special = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     contents = [t["content"] for c in conversations for t in c["turns"]]
     encoded = iter(tokenizer.encode_batch(contents, add_special_tokens=False))
+    kinds = {"assistant": TARGET, "text": TARGET, "context": PASSAGE}
     rendered = []
     for c in conversations:
-        ids, mask = [special["<|bos|>"]], [0]
+        ids, mask = [special["<|bos|>"]], [PROMPT]
         for turn in c["turns"]:
-            content = next(encoded).ids
-            is_target = int(turn["role"] in ("assistant", "text"))
+            content, kind = next(encoded).ids, kinds.get(turn["role"], PROMPT)
             if turn["role"] != "text":
                 ids.append(special[ROLE_TOKENS[turn["role"]]])
-                mask.append(0)
+                mask.append(PASSAGE if kind == PASSAGE else PROMPT)
             ids += content + [special["<|end|>"]]
-            mask += [is_target] * (len(content) + 1)
+            mask += [kind] * (len(content) + 1)
         rendered.append((ids, mask))
     return rendered
 
@@ -518,8 +530,8 @@ class PackedRows:
         starts = np.asarray(rows)[:, None] * T + np.arange(T + 1)  # (B, T+1)
         chunk = torch.from_numpy(self.ids[starts].astype(np.int64))
         x, y = chunk[:, :-1], chunk[:, 1:].clone()
-        if (loss_on or self.loss_on) == "assistant":
-            y[torch.from_numpy(self.mask[starts[:, 1:]] == 0)] = IGNORE_INDEX
+        mask = self.mask[starts[:, 1:]]
+        y[torch.from_numpy(mask != TARGET if (loss_on or self.loss_on) == "assistant" else mask == PASSAGE)] = IGNORE_INDEX
         return x, y
 
 
@@ -554,6 +566,19 @@ def prepare_tokenizer(texts, vocab_size, out_dir):
     return path
 
 
+def with_chat_tokens(path):
+    """A tokenizer file that has every chat-format token: an older checkpoint's (--init_from) gains those it
+    lacks as new ids at the end, saved beside it under a new name."""
+    tokenizer = load_tokenizer(path)
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return path
+    tokenizer.add_special_tokens(missing)
+    grown = path.with_name(f"tokenizer-{tokenizer.get_vocab_size()}-{file_sha256(path)[:10]}.json")
+    atomic_write(grown, lambda tmp: tokenizer.save(str(tmp)))
+    return grown
+
+
 @dataclass
 class PreparedData:
     texts: dict
@@ -565,7 +590,8 @@ class PreparedData:
 def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
     """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
     token caches, each reused when already on disk. Returns (PreparedData, "built" or "reused")."""
-    texts, how = load_or_build_texts(cfg)
+    teach_reading = functools.partial(add_passages, knowledge=cfg.knowledge, holdout_files=cfg.holdout, seed=cfg.seed)
+    texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
     if resumed_tokenizer is None:
@@ -574,6 +600,7 @@ def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
         tokenizer_path = out_dir / resumed_tokenizer.name
         if not tokenizer_path.is_file():
             atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(resumed_tokenizer, tmp))
+        tokenizer_path = with_chat_tokens(tokenizer_path)
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
     arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}
@@ -953,7 +980,9 @@ def start_run(cfg, model_config, size_note):
     dtype = pick_dtype(cfg.dtype, device)
     rank, world_size, device = setup_distributed(device)
     ckpt = read_checkpoint(Path(cfg.resume)) if cfg.resume else None
-    resumed_tokenizer = Path(cfg.resume).parent / ckpt["tokenizer"]["file"] if ckpt else None
+    init = read_checkpoint(Path(cfg.init_from)) if cfg.init_from and not ckpt else None  # a fine-tune's start
+    source, source_path = (ckpt, cfg.resume) if ckpt else (init, cfg.init_from)
+    resumed_tokenizer = Path(source_path).parent / source["tokenizer"]["file"] if source else None
     log = rank_zero_print(rank)
     data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed_tokenizer)
     if ckpt is not None and ckpt["texts_sha256"] != data.texts["sha256"]:
@@ -966,6 +995,8 @@ def start_run(cfg, model_config, size_note):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
     if ckpt is not None:
         restore_training_state(ckpt, model, optimizers, scaler, cfg.resume)
+    elif init is not None:
+        load_weights_growing_vocab(model, init["model"])
     log(f"model: {model_config.n_layer} x {model_config.n_embd} ({model.num_params() / 1e6:.2f}M parameters), "
         f"{size_note}: {asdict(model_config)}, batch {cfg.batch_size}")
     ctx = autocast_context(device, dtype)
@@ -991,6 +1022,17 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+
+
+def load_weights_growing_vocab(model, weights):
+    """A checkpoint's weights into a model whose vocabulary may have gained tokens (with_chat_tokens): the
+    new embedding rows keep their fresh initialisation."""
+    weights = dict(weights)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        grown = model.state_dict()[name].clone()
+        grown[:len(weights[name])] = weights[name]
+        weights[name] = grown
+    model.load_state_dict(weights)
 
 
 def compile_model(model, cfg, device, ctx, log):
@@ -1201,6 +1243,10 @@ def configs_from_args(args):
         resumed = ckpt["model_config"] | {name: value for name, value in ckpt["train_config"].items()
                                           if name not in ("resume", "out_dir")}
         given = {name: value for name, value in given.items() if name not in ckpt["model_config"]}
+    if args.init_from and not args.resume:  # a fine-tune keeps the architecture of the model it starts from
+        given["init_from"] = str(checkpoint_file(args.init_from))
+        resumed = read_checkpoint(Path(given["init_from"]))["model_config"]
+        given = {name: value for name, value in given.items() if name not in resumed}
     device_type = pick_device(given.get("device", "auto")).split(":")[0]
     max_minutes = given.get("max_minutes", resumed.get("max_minutes", 0.0))
     depth = args.depth or auto_depth(device_type, max_minutes)

@@ -76,11 +76,12 @@ def test_text_formats_are_parsed_into_turns_and_plain_text_gets_no_roles():
         "plain text keeps its words, loses only extra blank lines and trailing spaces, and gets no roles"
 
 
-def test_instruction_records_become_one_exchange_with_the_context_in_the_user_turn():
+def test_instruction_records_become_one_exchange_with_their_context_as_a_context_turn():
     records = [{"instruction": "Summarise this.", "context": "A long text.", "response": "Short."},
                {"instruction": "Name a colour.", "context": "", "response": "Blue."}]
     with_context, without = records_to_conversations(records, "dolly", {"en"}, "best")
-    assert with_context["turns"] == [{"role": "user", "content": "Summarise this.\n\nA long text."},
+    assert with_context["turns"] == [{"role": "user", "content": "Summarise this."},
+                                     {"role": "context", "content": "A long text."},
                                      {"role": "assistant", "content": "Short."}]
     assert without["turns"][0]["content"] == "Name a colour."
 

@@ -1,0 +1,322 @@
+"""
+Retrieval: the chat looks things up before it answers. A 5M-parameter model cannot store facts, but it can
+copy them from passages placed in its context (RETRO, Borgeaud et al. 2021; Atlas, Izacard et al. 2022).
+
+    python chat_with_model.py --knowledge ../shared/data/knowledge      # index built on first use, cached
+    python newgpt.py --data ... --knowledge ../shared/data/knowledge    # train the model to read passages
+
+The index is SQLite's FTS5 full-text index (in Python's own sqlite3) over the knowledge sources cut into
+passages of about PASSAGE_CHARS characters, ranked by BM25 with Porter stemming. It is cached under
+~/.cache/tinygpt (or $XDG_CACHE_HOME/tinygpt), away from the sources, and rebuilt when they change.
+
+Everything outside this file calls one method, KnowledgeIndex.search(query, k) -> [Passage]. A corpus
+that outgrows one machine would swap that method's body for a query to a search server (Elasticsearch or
+OpenSearch, also BM25); nothing else changes.
+
+The passages reach the model as a context turn of the chat format (newgpt.py): <|context|> [1] title
+\\n text \\n\\n [2] ... <|end|>, right after the user turn they answer, with no loss on them.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_conversation, question_words,
+                  read_records, stream_records)
+from runtime import UserError
+
+# Three passages of about 250 characters: 160 tokens (median) leave room for the conversation in a 512-token
+# window, and hold a bench answer as often as two of 400 or 600 (bench/RESULTS.md, "Retrieval").
+PASSAGE_CHARS = 250
+PASSAGES_PER_ANSWER = 3
+COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
+INDEX_FORMAT = "tinygpt-fts5-v1"
+SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+# -----------------------------------------------------------------------------
+# Knowledge records -> passages
+
+
+@dataclass(frozen=True)
+class Passage:
+    title: str
+    text: str
+    source: str  # the file (or dataset id) the passage came from
+    doc: str  # source:record number; a training question is never answered from its own record
+
+
+def source_files(spec):
+    """The files of a knowledge path (a file, or a folder's files in name order), or [spec] for a dataset id."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(SOURCE_SUFFIXES))
+        if not files:
+            raise UserError(f"--knowledge {spec}: no .jsonl(.gz), .json or .parquet files in that folder")
+        return files
+    if is_streamed(spec):
+        return [spec]
+    raise UserError(f"--knowledge {spec}: no such file or folder (or Hugging Face dataset id)")
+
+
+def records_of(source):
+    return stream_records(source) if isinstance(source, str) else read_records(source)
+
+
+def split_sentences(text):
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def cut_passages(text, size=PASSAGE_CHARS):
+    """Whole sentences, packed greedily up to about size characters (a longer sentence stands alone, cut)."""
+    pieces, current = [], ""
+    for sentence in split_sentences(text):
+        if current and len(current) + 1 + len(sentence) > size:
+            pieces.append(current)
+            current = ""
+        current = f"{current} {sentence}".strip()
+    if current:
+        pieces.append(current)
+    return [p[:2 * size] for p in pieces]
+
+
+def record_passages(record, source, number, size=PASSAGE_CHARS):
+    """A document {"text"} -> its passages under its title (a short first line); a Q/A pair {"instruction",
+    "response"} -> one passage titled by its question; a record with a "context" adds that context."""
+    doc = f"{source}:{number}"
+    if not isinstance(record, dict):
+        return []
+    if "instruction" in record and "response" in record:
+        context = (record.get("context") or "").strip()
+        passages = [Passage(record["instruction"].strip(), (record["response"] or "").strip(), source, doc)]
+        return passages + [Passage("", text, source, doc) for text in cut_passages(context, size)]
+    text = (record.get("text") or "").strip()
+    title, _, body = text.partition("\n")
+    if not body.strip() or len(title) > 100:
+        title, body = "", text
+    return [Passage(title.strip(), piece, source, doc) for piece in cut_passages(body, size)]
+
+
+def asks_holdout(record, holdout):
+    question = record.get("instruction") if isinstance(record, dict) else None
+    return bool(question) and asks_a_holdout_question(make_conversation([("user", question)], ""), holdout)
+
+# -----------------------------------------------------------------------------
+# The index: built once per set of sources, cached, reopened in milliseconds
+
+
+def cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinygpt"
+
+
+def fingerprint(files, holdout_files, passage_chars):
+    """What the index depends on: each source's path, size and modification time (a changed source
+    rebuilds), the holdout questions it keeps out, and the passage length."""
+    def stat(f):
+        return [str(Path(f).resolve()), os.path.getsize(f), os.path.getmtime(f)] if Path(f).is_file() else [str(f)]
+    parts = {"format": INDEX_FORMAT, "passage_chars": passage_chars, "sources": [stat(f) for f in files],
+             "holdout": [stat(f) for f in holdout_files]}
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def query_words(text):
+    """The words of a question that make it this question (no function words), in a stable order."""
+    return sorted(question_words(text) - FUNCTION_WORDS)
+
+
+def fts_match(words):
+    """OR-ed terms: BM25 ranks passages by how many they hold and how rare each is. Quoting makes every word
+    a plain term, so user text never becomes FTS5 syntax."""
+    return " OR ".join(f'"{w}"' for w in words)
+
+
+class KnowledgeIndex:
+    """An FTS5 index of passages; search(query, k) is the whole interface."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self.n_passages = self.db.execute("SELECT value FROM meta WHERE key = 'passages'").fetchone()[0]
+        self.counts = {}  # word -> how many passages hold it
+
+    def search(self, query, k=PASSAGES_PER_ANSWER, exclude_doc=None):
+        """The k best passages for a query, best first (none for a query without content words).
+        exclude_doc leaves one record's own passages out (training's leave-one-out)."""
+        words = self.rare_words(query_words(query))
+        if not words or k <= 0:
+            return []
+        rows = self.db.execute(
+            "SELECT title, text, source, doc FROM passages WHERE passages MATCH ? AND doc IS NOT ? "
+            "ORDER BY bm25(passages, 2.0, 1.0) LIMIT ?", (fts_match(words), exclude_doc, k)).fetchall()
+        return [Passage(*row) for row in rows]
+
+    def rare_words(self, words):
+        """Drop words found in more than COMMON_FRACTION of the passages ("known", "first", "world"): BM25
+        gives them little weight, but scoring their tens of thousands of passages is most of a query's time."""
+        for w in set(words) - self.counts.keys():
+            self.counts[w] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
+                                             (fts_match([w]),)).fetchone()[0]
+        counts = self.counts
+        rare = [w for w in words if counts[w] <= COMMON_FRACTION * self.n_passages]
+        return rare or sorted(words, key=counts.get)[:1]
+
+    def close(self):
+        self.db.close()
+
+
+def write_index(path, files, holdout, passage_chars, key, log):
+    """Read every record, cut passages, and write them into a new FTS5 database at path."""
+    from tqdm import tqdm
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+    # Porter stemming: "painted" finds "painting"; unicode61 folds case and diacritics.
+    db.execute("CREATE VIRTUAL TABLE passages USING fts5(title, text, source UNINDEXED, doc UNINDEXED, "
+               "tokenize = 'porter unicode61 remove_diacritics 2')")
+    n_passages, n_held_out = 0, 0
+    with tqdm(total=len(files), unit="file", desc="indexing", disable=log is None) as bar:
+        for source in files:
+            rows = []
+            for number, record in enumerate(records_of(source)):
+                if asks_holdout(record, holdout):
+                    n_held_out += 1
+                    continue
+                rows += [(p.title, p.text, p.source, p.doc) for p in record_passages(record, str(source), number, passage_chars)]
+            db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
+            n_passages += len(rows)
+            bar.update(1)
+    db.execute("INSERT INTO passages(passages) VALUES ('optimize')")
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("fingerprint", key), ("passages", n_passages),
+                                                      ("held_out", n_held_out)])
+    db.commit()
+    db.close()
+    return n_passages, n_held_out
+
+
+def is_usable_index(path, key):
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            db.execute("SELECT count(*) FROM passages WHERE passages MATCH '\"a\"'").fetchone()
+        return stored.get("fingerprint") == key
+    except sqlite3.DatabaseError:
+        return False
+
+
+def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
+    """The index for a knowledge path or dataset id, built on first use (a progress bar, then one line) and
+    reopened from the cache later. A stale or damaged cache file is rebuilt; log=None builds silently."""
+    from data import read_holdout
+    files = source_files(spec)
+    key = fingerprint(files, holdout_files, passage_chars)
+    name = hashlib.sha256(f"{Path(spec).resolve()}:{passage_chars}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"knowledge-{name}.sqlite"
+    if not is_usable_index(path, key):
+        if path.exists() and log:
+            log(f"knowledge: the index {path} is stale or damaged; rebuilding it")
+        started = time.time()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            n_passages, n_held_out = write_index(tmp, files, read_holdout(holdout_files), passage_chars, key, log)
+            os.replace(tmp, path)
+        except sqlite3.Error as e:
+            raise UserError(f"could not write the knowledge index {path}: {e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+        if log:
+            log(f"knowledge: indexed {n_passages:,} passages from {len(files)} sources in "
+                f"{time.time() - started:.0f}s ({path.stat().st_size / 2**20:.0f} MB, {path}); "
+                f"{n_held_out} Q/A pairs asking a bench question left out")
+    return KnowledgeIndex(path)
+
+# -----------------------------------------------------------------------------
+# What the model sees
+
+
+def format_passages(passages):
+    """The content of a context turn: numbered passages, each under its title."""
+    return "\n\n".join(f"[{i}] {p.title}\n{p.text}" if p.title else f"[{i}] {p.text}"
+                       for i, p in enumerate(passages, start=1))
+
+
+def conversation_query(user_turns):
+    """What to look up for the newest user turn: the turn alone, unless it is a short follow-up ("and its
+    population?"), which borrows the words of the turns before it."""
+    query = user_turns[-1]
+    for earlier in reversed(user_turns[:-1]):
+        if len(question_words(query) - FUNCTION_WORDS) >= 4:
+            break
+        query = f"{earlier} {query}"
+    return query
+
+# -----------------------------------------------------------------------------
+# Training the model to read: conversations whose context holds passages from the same retriever
+
+NO_PASSAGES_SHARE = 0.2  # chats left without passages, so that the model still answers without --knowledge
+READING_QUESTIONS_PER_SOURCE = 5000  # Q/A pairs per knowledge file whose answer the passages hold
+
+
+def answer_in(passages, question, answer):
+    """Whether the passages hold the answer: 80% of the answer's own words (those not already in the
+    question) occur in them."""
+    words = question_words(answer) - question_words(question) - FUNCTION_WORDS
+    return bool(words) and len(words & question_words(format_passages(passages))) >= 0.8 * len(words)
+
+
+def with_passages(conversation, index, rng, k=PASSAGES_PER_ANSWER):
+    """A chat conversation with passages looked up for its first user turn, which may or may not help the
+    answer. Left as it is: a conversation that has its own context, and NO_PASSAGES_SHARE of the rest. Its own
+    record is never retrieved for itself (leave-one-out, as RETRO filters a chunk's own document)."""
+    turns = conversation["turns"]
+    roles = [t["role"] for t in turns]
+    if "context" in roles or "user" not in roles or rng.random() < NO_PASSAGES_SHARE:
+        return conversation
+    first = roles.index("user")
+    passages = index.search(turns[first]["content"], k, exclude_doc=conversation.get("group"))
+    if not passages:
+        return conversation
+    context = {"role": "context", "content": format_passages(passages)}
+    return conversation | {"turns": turns[:first + 1] + [context] + turns[first + 1:]}
+
+
+def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
+    """Up to n Q/A pairs of one local knowledge file, each with passages retrieved from the other records
+    that hold its answer: the model learns to answer from what it reads."""
+    records = [(number, r) for number, r in enumerate(read_records(Path(source)))
+               if isinstance(r, dict) and r.get("instruction") and r.get("response") and not asks_holdout(r, holdout)]
+    rng.shuffle(records)
+    conversations = []
+    for number, record in records[:3 * n]:  # about half hold their answer; the cap bounds the searching
+        question, answer, doc = record["instruction"], record["response"], f"{source}:{number}"
+        passages = index.search(question, k, exclude_doc=doc)
+        if answer_in(passages, question, answer):
+            turns = [("user", question), ("context", format_passages(passages)), ("assistant", answer)]
+            conversations.append(make_conversation(turns, doc) | {"source": f"reading:{Path(source).name}"})
+            if len(conversations) == n:
+                break
+    return conversations
+
+
+def add_passages(texts, knowledge, holdout_files, seed, log=print):
+    """train_texts.json's training conversations, taught to read: chats get passages (or none), and Q/A pairs
+    of the knowledge sources come with the passages that answer them. Validation stays as it was."""
+    from data import content_hash, read_holdout
+    index, rng, holdout = open_index(knowledge, holdout_files, log=log), random.Random(seed), read_holdout(holdout_files)
+    started = time.time()
+    train = [with_passages(c, index, rng) for c in texts["train"]]
+    reading = [c for source in source_files(knowledge) if not isinstance(source, str)
+               for c in reading_questions(source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE)]
+    if log:
+        n_with = sum(any(t["role"] == "context" for t in c["turns"]) for c in train)
+        log(f"knowledge: passages for {n_with:,} of {len(train):,} chats, {len(reading):,} reading questions "
+            f"({time.time() - started:.0f}s)")
+    train += reading
+    return texts | {"train": train, "sha256": content_hash([train, texts["val"], texts["pretrain"]])}

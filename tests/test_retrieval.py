@@ -1,0 +1,270 @@
+"""retrieval.py and its uses: the index (built, cached, rebuilt), search, the passages block of the chat format,
+training conversations that read, the chat's lookups, and --init_from growing an older vocabulary."""
+
+import io
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import chat_with_model as chat
+import newgpt
+import retrieval
+from conftest import REPO, TINY_FLAGS, oasst_rows, train_in_process, write_checkpoint, write_jsonl
+
+# Made-up facts, so that a hit can only come from the index.
+COUNTRIES = {"Zembla": "Ostrova", "Florin": "Guilder Town", "Genovia": "Pyrus", "Freedonia": "Fredville",
+             "Latveria": "Doomstadt", "Sokovia": "Novi Grad"}
+
+
+def knowledge_rows():
+    docs = [{"text": f"{country}\n{country} is a small country. Its capital is {capital}, a city on a river. "
+                     f"The people of {country} grow apples and pears."} for country, capital in COUNTRIES.items()]
+    qa = [{"instruction": f"What is the capital of {country}?", "response": f"The capital of {country} is {capital}."}
+          for country, capital in COUNTRIES.items()]
+    return docs + qa
+
+
+@pytest.fixture
+def knowledge(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "knowledge"
+    folder.mkdir()
+    write_jsonl(folder / "facts.jsonl", knowledge_rows())
+    return folder
+
+
+def holdout_file(path, questions):
+    return write_jsonl(path, [{"question": q} for q in questions])
+
+
+# ---- the index
+
+
+def test_search_finds_the_passage_that_holds_the_answer(knowledge):
+    index = retrieval.open_index(knowledge, log=None)
+    passages = index.search("Which city is the capital of Genovia?", k=2)
+    assert passages and any("Pyrus" in p.text for p in passages), f"no passage with the answer: {passages}"
+    assert passages[0].title in ("Genovia", "What is the capital of Genovia?"), "the best passage comes first"
+    assert index.search("the of and what", k=3) == [], "a query of function words alone finds nothing"
+
+
+def test_user_text_never_becomes_fts_syntax(knowledge):
+    index = retrieval.open_index(knowledge, log=None)
+    for query in ['Zembla" OR *', "NEAR(capital", "capital AND", "(Florin", "^Latveria:", "col:x", "'; DROP TABLE"]:
+        index.search(query)  # raises sqlite3.OperationalError if any of it reached FTS5 as syntax
+
+
+def test_the_index_is_cached_reopened_rebuilt_when_the_source_changes_and_when_damaged(knowledge):
+    lines = []
+    first = retrieval.open_index(knowledge, log=lines.append)
+    assert len(lines) == 1 and "indexed" in lines[0], lines
+    assert not str(first.path).startswith(str(knowledge)), "the cache lives away from the (maybe read-only) source"
+    retrieval.open_index(knowledge, log=lines.append)
+    assert len(lines) == 1, "a second open reuses the cache"
+    write_jsonl(knowledge / "facts.jsonl", knowledge_rows() + [{"text": "Ruritania\nIts capital is Strelsau."}])
+    index = retrieval.open_index(knowledge, log=lines.append)
+    assert "rebuilding" in lines[1], "a changed source rebuilds the index"
+    assert any("Strelsau" in p.text for p in index.search("capital of Ruritania"))
+    index.close()
+    index.path.write_bytes(b"not a database at all" * 100)
+    index = retrieval.open_index(knowledge, log=lines.append)
+    assert "rebuilding" in lines[-2] and index.search("Ruritania"), "a damaged index is rebuilt"
+
+
+def test_bench_questions_stay_out_of_the_index_but_the_documents_stay(knowledge, tmp_path):
+    holdout = holdout_file(tmp_path / "bench.jsonl", ["What is the capital of Zembla?"])
+    index = retrieval.open_index(knowledge, [holdout], log=None)
+    titles = [p.title for p in index.search("capital of Zembla", k=10)]
+    assert "What is the capital of Zembla?" not in titles, "a Q/A pair asking a bench question is not indexed"
+    assert "Zembla" in titles, "the document that holds the fact is"
+
+
+def test_a_missing_knowledge_path_is_a_one_line_error(tmp_path):
+    with pytest.raises(newgpt.UserError, match="no such file or folder"):
+        retrieval.open_index(str(tmp_path / "nowhere"), log=None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(newgpt.UserError, match="no .jsonl"):
+        retrieval.open_index(tmp_path / "empty", log=None)
+
+
+def test_passages_are_cut_on_sentence_ends():
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    pieces = retrieval.cut_passages(text, size=100)
+    assert all(len(p) <= 100 and p.endswith(".") for p in pieces), pieces
+    assert " ".join(pieces) == text, "no words are lost or repeated"
+
+
+def test_a_short_follow_up_borrows_the_words_of_the_turn_before():
+    query = retrieval.conversation_query(["Tell me about the country of Zembla and its people", "and its capital?"])
+    assert "Zembla" in query and "capital" in query
+    assert retrieval.conversation_query(["Zembla?", "Which rivers flow through the city of Pyrus today?"]) == \
+        "Which rivers flow through the city of Pyrus today?", "a full question stands alone"
+
+# ---- training to read
+
+
+def test_reading_questions_hold_their_answer_and_never_their_own_record(knowledge):
+    index = retrieval.open_index(knowledge, log=None)
+    source = knowledge / "facts.jsonl"
+    conversations = retrieval.reading_questions(source, index, [], random.Random(0), n=100)
+    assert len(conversations) == len(COUNTRIES), "every Q/A pair's answer stands in its country's document"
+    for c in conversations:
+        user, context, answer = c["turns"]
+        assert [user["role"], context["role"], answer["role"]] == ["user", "context", "assistant"]
+        assert answer["content"].split()[-1].rstrip(".") in context["content"], "the passages hold the answer"
+        assert user["content"] not in context["content"], "leave-one-out: the pair is not retrieved for itself"
+
+
+def test_chats_get_passages_after_their_first_user_turn_or_none(knowledge):
+    index = retrieval.open_index(knowledge, log=None)
+    conversation = {"turns": [{"role": "user", "content": "Tell me about Florin."},
+                              {"role": "assistant", "content": "Florin is a country."}], "group": "g"}
+    rng = random.Random(0)
+    results = [retrieval.with_passages(conversation, index, rng) for _ in range(200)]
+    with_context = [r for r in results if len(r["turns"]) == 3]
+    assert [t["role"] for t in with_context[0]["turns"]] == ["user", "context", "assistant"]
+    assert "Guilder Town" in with_context[0]["turns"][1]["content"]
+    share_without = 1 - len(with_context) / len(results)
+    assert abs(share_without - retrieval.NO_PASSAGES_SHARE) < 0.08, f"{share_without:.2f} left without passages"
+
+
+def test_passages_are_never_targets_even_with_the_loss_on_every_token(tokenizer):
+    conversation = {"turns": [{"role": "user", "content": "one plus two"}, {"role": "context", "content": "two is 2"},
+                              {"role": "assistant", "content": "three"}]}
+    ((ids, mask),) = newgpt.render_conversations(tokenizer, [conversation])
+    start = ids.index(tokenizer.token_to_id("<|context|>"))
+    end = ids.index(tokenizer.token_to_id("<|end|>"), start)
+    assert set(mask[start:end + 1]) == {newgpt.PASSAGE} and newgpt.PASSAGE not in mask[:start] + mask[end + 1:]
+    ids, mask = np.array(ids * 3), np.array(mask * 3, dtype=np.uint8)
+    rows = newgpt.PackedRows(ids, mask, block_size=len(ids) - 1)
+    for loss_on in ("all", "assistant"):
+        _, y = rows.get([0], loss_on=loss_on)
+        targeted = (y[0] != newgpt.IGNORE_INDEX).numpy()
+        assert not targeted[mask[1:] == newgpt.PASSAGE].any(), f"a passage token is a target under {loss_on}"
+
+# ---- the chat
+
+
+def tiny_knowledge_run(tmp, knowledge, *extra):
+    data = write_jsonl(tmp / "oasst.jsonl", oasst_rows(60))
+    chats = write_jsonl(tmp / "chats.jsonl", [{"instruction": f"Tell me about {country}.", "response": "A country."}
+                                              for country in COUNTRIES])
+    flags = [f if f != "32" or TINY_FLAGS[i - 1] != "--block_size" else "256" for i, f in enumerate(TINY_FLAGS)]
+    status = train_in_process("--data", data, chats, "--knowledge", knowledge, "--texts", tmp / "texts.json",
+                              "--out_dir", tmp / "ckpt", *flags, "--max_steps", "2", *extra)
+    assert status == 0, "the tiny training run with --knowledge failed"
+    return tmp / "ckpt"
+
+
+def test_training_with_knowledge_puts_passages_in_the_texts(knowledge, tmp_path):
+    tiny_knowledge_run(tmp_path, knowledge)
+    texts = json.loads((tmp_path / "texts.json").read_text())
+    assert texts["build"]["knowledge"] == str(knowledge)
+    reading = [c for c in texts["train"] if c["source"].startswith("reading:")]
+    chats = [c for c in texts["train"] if not c["source"].startswith("reading:")]
+    assert len(reading) == len(COUNTRIES), "the Q/A pairs become reading questions"
+    assert any(t["role"] == "context" for c in chats for t in c["turns"]), "chats get passages"
+    assert not any(t["role"] == "context" for c in texts["val"] for t in c["turns"]), "validation stays as it was"
+
+
+def test_the_chat_looks_up_each_turn_and_names_its_sources(knowledge, tmp_path):
+    ckpt = tiny_knowledge_run(tmp_path, knowledge)
+    model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
+    sampling = chat.SamplingConfig(max_new_tokens=8, dry_multiplier=0.0)
+    conversation = chat.Chat(model, tokenizer, sampling, "cpu", "float32", retrieval.open_index(knowledge, log=None))
+    prompt, _ = conversation.add_user_turn("What is the capital of Sokovia?")
+    context_id = tokenizer.token_to_id("<|context|>")
+    assert prompt.count(context_id) == 1 and prompt.index(context_id) > prompt.index(tokenizer.token_to_id("<|user|>"))
+    assert any("Novi Grad" in p.text for p in conversation.passages)
+    "".join(conversation.stream_reply(prompt))
+    out = io.StringIO()
+    chat.handle_command(conversation, "/sources", out)
+    assert "Novi Grad" in out.getvalue()
+    chat.handle_command(conversation, "/retrieval off", out)
+    prompt, _ = conversation.add_user_turn("And of Zembla?")
+    assert context_id not in prompt and conversation.passages == [], "retrieval switched off looks nothing up"
+    assert context_id not in conversation.render(conversation.history), "old passages leave the history"
+
+
+def test_passages_give_way_before_the_question_when_the_window_is_tight(knowledge, tmp_path):
+    ckpt = tiny_knowledge_run(tmp_path, knowledge)
+    model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
+    sampling = chat.SamplingConfig(max_new_tokens=model.config.block_size - 60)
+    conversation = chat.Chat(model, tokenizer, sampling, "cpu", "float32", retrieval.open_index(knowledge, log=None))
+    question = "What is the capital of Freedonia, and what do its people grow?"
+    prompt, notice = conversation.add_user_turn(question)
+    assert len(prompt) <= model.config.block_size // 2 and notice == ""
+    assert len(conversation.passages) < retrieval.PASSAGES_PER_ANSWER, "the weakest passages were dropped"
+    assert conversation.history[-1] == ("user", question), "the question itself is whole"
+
+
+def test_copying_from_passages_is_not_penalised_as_repetition():
+    """DRY sees the answer continue a sequence of the passages; with the span marked copyable it must not."""
+    torch.manual_seed(0)
+    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=16)).eval()
+    passage = [5, 6, 7, 8, 9, 10]
+    prompt = [1, 2] + passage + [3, 5, 6, 7, 8]  # the answer has begun to copy the passage
+    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=1, repetition_penalty=1.0, dry_multiplier=50.0)
+    bias = {9: 100.0}  # the model "wants" to continue the copy
+    penalised = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias)]
+    copied = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias, copyable=(2, 8))]
+    assert penalised != [9] and copied == [9], (penalised, copied)
+
+
+def test_prompt_with_knowledge_keeps_stdout_for_the_answer(knowledge, tmp_path):
+    ckpt = tiny_knowledge_run(tmp_path, knowledge)
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--ckpt", ckpt, "--knowledge",
+                             knowledge, "--prompt", "What is the capital of Latveria?", "--max_new_tokens", "5"],
+                            capture_output=True, text=True, timeout=120, env={**__import__("os").environ})
+    assert result.returncode == 0, result.stderr
+    assert "sources: [1]" in result.stderr and "sources" not in result.stdout
+    assert result.stdout.strip() and len(result.stdout.strip().splitlines()) <= 5
+
+
+def test_knowledge_needs_a_model_that_reads(knowledge, tmp_path, capsys):
+    old = old_tokenizer()
+    write_checkpoint(newgpt.GPT(newgpt.GPTConfig(vocab_size=old.get_vocab_size(), block_size=32, n_layer=1,
+                                                 n_head=1, n_embd=16)), old, tmp_path / "old")
+    assert chat.main(["--ckpt", str(tmp_path / "old"), "--knowledge", str(knowledge), "--prompt", "hi"]) == 2
+    assert "not trained to read passages" in capsys.readouterr().err
+
+# ---- fine-tuning an older model
+
+
+def old_tokenizer():
+    """A tokenizer from before the context turn: the chat's special tokens less <|context|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [t for t in newgpt.SPECIAL_TOKENS if t != "<|context|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["one plus two is three"] * 10, trainer=trainer)
+    return tokenizer
+
+
+def test_init_from_grows_an_older_vocabulary_and_keeps_the_weights(knowledge, tmp_path):
+    old = old_tokenizer()
+    torch.manual_seed(0)
+    config = newgpt.GPTConfig(vocab_size=old.get_vocab_size(), block_size=64, n_layer=2, n_head=2, n_embd=32)
+    start = newgpt.GPT(config)
+    write_checkpoint(start, old, tmp_path / "old")
+    data = write_jsonl(tmp_path / "oasst.jsonl", oasst_rows(60))
+    status = train_in_process("--init_from", tmp_path / "old", "--knowledge", knowledge, "--data", data,
+                              "--texts", tmp_path / "texts.json", "--out_dir", tmp_path / "tuned", "--max_steps", "1",
+                              "--lr", "1e-12", "--min_lr", "0", "--batch_size", "2", "--eval_tokens", "64",
+                              "--dtype", "float32", "--no-compile")
+    assert status == 0
+    model, tokenizer, _ = newgpt.load_checkpoint(tmp_path / "tuned")
+    assert tokenizer.get_vocab_size() == old.get_vocab_size() + 1 and tokenizer.token_to_id("<|context|>") is not None
+    assert model.config.n_embd == 32 and model.config.block_size == 64, "the architecture is the checkpoint's"
+    before, after = start.state_dict(), model.state_dict()
+    for name, weight in before.items():
+        assert torch.allclose(after[name][:len(weight)], weight, atol=1e-6), f"{name} did not start from the checkpoint"
