@@ -177,16 +177,27 @@ def greedy_generate(hf_model, prompt_ids, max_new_tokens):
 
 def chat_template():
     """Jinja for newgpt.render_conversations' layout: <|bos|>, then <|role|> content <|end|> per turn, then
-    <|assistant|> to ask for a reply. Like the chat, it strips each message and skips empty ones."""
+    <|assistant|> to ask for a reply. Like the chat, it strips each message and skips empty ones. Passages
+    given as apply_chat_template(..., documents=[{"title", "text"}]) (transformers' convention for retrieval)
+    become a context turn after the last user message, numbered as retrieval.format_passages numbers them."""
     roles = " ".join(f"{json.dumps(role)}: {json.dumps(token)}," for role, token in ROLE_TOKENS.items())
     return ("{%- set role_tokens = {" + roles + "} -%}"
             "{{- bos_token -}}"
             "{%- for message in messages -%}"
             "{%- if message['role'] not in role_tokens -%}"
-            "{{- raise_exception('roles are system, user and assistant, not ' + message['role']) -}}"
+            "{{- raise_exception('roles are ' + (role_tokens | list | join(', ')) + ', not ' + message['role']) -}}"
             "{%- endif -%}"
             "{%- set content = message['content'] | trim -%}"
             "{%- if content -%}{{- role_tokens[message['role']] + content + eos_token -}}{%- endif -%}"
+            "{%- if documents and loop.last and message['role'] == 'user' -%}"
+            "{{- role_tokens['context'] -}}"
+            "{%- for document in documents -%}"
+            "{{- '[' ~ loop.index ~ '] ' -}}"
+            "{%- if document['title'] -%}{{- document['title'] | trim ~ '\n' -}}{%- endif -%}"
+            "{{- document['text'] | trim -}}{%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{{- eos_token -}}"
+            "{%- endif -%}"
             "{%- endfor -%}"
             "{%- if add_generation_prompt -%}{{- role_tokens['assistant'] -}}{%- endif -%}")
 

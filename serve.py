@@ -112,6 +112,7 @@ class ChatRequest(Strict):
     dry_base: float | None = None
     dry_allowed_length: int | None = None
     no_repeat_ngram_size: int | None = None
+    retrieval: bool | None = None  # extension: look things up first (default: on where the server has --knowledge)
 
 
 class ApiError(Exception):
@@ -230,6 +231,7 @@ class Job:
     sampling: SamplingConfig
     logit_bias: dict  # {token id: bias}
     top_logprobs: int | None  # None: no logprobs asked for
+    retrieval: bool
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event
@@ -246,6 +248,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop sequence) or "length"
+    sources: list  # the passages the answer was given ({"title", "text", "source"}), an extension field
 
 
 class Worker:
@@ -281,6 +284,7 @@ class Worker:
         chat = self.chat
         chat.sampling, chat.system, chat.history = job.sampling, job.system, list(job.history)
         chat.generator.manual_seed(job.sampling.seed)
+        chat.retrieval = job.retrieval
         prompt_ids, _ = chat.add_user_turn(job.user_text)
         entries = []
 
@@ -294,7 +298,8 @@ class Worker:
             job.loop.call_soon_threadsafe(job.out.put_nowait, Piece(text, entries[:]))
             entries.clear()
         ended = chat.last_answer_tokens < job.sampling.max_new_tokens
-        return Finished(len(prompt_ids), chat.last_answer_tokens + ended, "stop" if ended else "length")
+        sources = [{"title": p.title, "text": p.text, "source": p.source} for p in chat.passages]
+        return Finished(len(prompt_ids), chat.last_answer_tokens + ended, "stop" if ended else "length", sources)
 
 
 def logprob_entry(chat, logits, token_id, top):
@@ -325,11 +330,14 @@ def completion_id():
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
-def chunk(cid, created, model_id, delta, finish_reason=None, usage=None, logprobs=None):
+def chunk(cid, created, model_id, delta, finish_reason=None, usage=None, logprobs=None, sources=None):
+    """One server-sent event; the last content chunk carries the answer's sources (an extension field)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]}
     if usage is not None:
         body |= {"choices": [], "usage": usage}
+    if sources is not None:
+        body["sources"] = sources
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -393,8 +401,9 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
     @app.get("/health")
     async def health():
         sampling = dataclasses.asdict(defaults) | {"max_tokens": defaults.max_new_tokens}
+        knowledge = {"passages": chat.index.n_passages} if chat.index else None
         return {"status": "ok", "model": model_id, "generating": worker.busy, "waiting": worker.jobs.qsize(),
-                "cancelled": worker.cancelled, "sampling": sampling}
+                "cancelled": worker.cancelled, "sampling": sampling, "knowledge": knowledge}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -414,8 +423,12 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         stops = stops_of(body, limits)
         system, history, user_text = conversation_of(body.messages, limits)
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.retrieval and chat.index is None:
+            raise ApiError(400, "retrieval: this server has no knowledge index (start it with --knowledge PATH)",
+                           "retrieval")
+        retrieval = chat.index is not None and body.retrieval is not False
         job = Job(system, history, user_text, sampling, logit_bias_of(body, chat.model.config.vocab_size),
-                  top_logprobs, asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
+                  top_logprobs, retrieval, asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
         worker.submit(job)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -455,7 +468,7 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         try:
             async for item in pieces(job, stops):
                 if isinstance(item, Finished):
-                    yield chunk(cid, created, model_id, {}, item.finish_reason)
+                    yield chunk(cid, created, model_id, {}, item.finish_reason, sources=item.sources)
                     if include_usage:
                         yield chunk(cid, created, model_id, {}, usage=usage_of(item))
                 elif item.text or item.logprobs:
@@ -484,7 +497,7 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         logprobs = {"content": entries, "refusal": None} if job.top_logprobs is not None else None
         choice = {"index": 0, "message": message, "finish_reason": finished.finish_reason, "logprobs": logprobs}
         return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
-                "model": model_id, "choices": [choice], "usage": usage_of(finished)}
+                "model": model_id, "choices": [choice], "usage": usage_of(finished), "sources": finished.sources}
 
     return app
 

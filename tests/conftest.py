@@ -65,6 +65,28 @@ def write_jsonl(path, rows):
     return path
 
 
+# Knowledge (retrieval.py): made-up facts, so that a hit can only come from the index.
+COUNTRIES = {"Zembla": "Ostrova", "Florin": "Guilder Town", "Genovia": "Pyrus", "Freedonia": "Fredville",
+             "Latveria": "Doomstadt", "Sokovia": "Novi Grad"}
+
+
+def knowledge_rows():
+    docs = [{"text": f"{country}\n{country} is a small country. Its capital is {capital}, a city on a river. "
+                     f"The people of {country} grow apples and pears."} for country, capital in COUNTRIES.items()]
+    qa = [{"instruction": f"What is the capital of {country}?", "response": f"The capital of {country} is {capital}."}
+          for country, capital in COUNTRIES.items()]
+    return docs + qa
+
+
+@pytest.fixture
+def knowledge(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "knowledge"
+    folder.mkdir()
+    write_jsonl(folder / "facts.jsonl", knowledge_rows())
+    return folder
+
+
 @pytest.fixture
 def oasst_file(tmp_path):
     return write_jsonl(tmp_path / "oasst.jsonl.gz", oasst_rows())

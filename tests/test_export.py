@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 import chat_with_model as chat
 import export_hf
 import newgpt
+import retrieval
 from conftest import REPO, write_checkpoint
 
 ARCHITECTURES = {  # our options -> the transformers class that must express them
@@ -77,9 +78,24 @@ def test_chat_template_gives_our_renderers_ids(exported_run, trained_run, system
     assert hf_tokenizer.eos_token_id == tokenizer.token_to_id("<|end|>")
 
 
+def test_chat_template_renders_documents_as_our_passages_block(exported_run, trained_run):
+    model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
+    conversation = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(), "cpu", "float32")
+    passages = [retrieval.Passage("Zembla", "Its capital is Ostrova.", "facts", "facts:0"),
+                retrieval.Passage("", "One plus two is three.", "facts", "facts:1")]
+    history = [("user", "one plus one?"), ("assistant", "two"), ("user", "What is the capital of Zembla?")]
+    ours = conversation.render(history, passages)
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported_run)
+    messages = [{"role": role, "content": content} for role, content in history]
+    documents = [{"title": p.title, "text": p.text} for p in passages]
+    theirs = hf_tokenizer.apply_chat_template(messages, documents=documents, add_generation_prompt=True,
+                                              return_dict=False)
+    assert theirs == ours, "documents= must render into exactly the chat's passages block"
+
+
 def test_chat_template_refuses_an_unknown_role(exported_run):
     hf_tokenizer = AutoTokenizer.from_pretrained(exported_run)
-    with pytest.raises(Exception, match="roles are system, user and assistant"):
+    with pytest.raises(Exception, match="roles are system, user, assistant, context, not tool"):
         hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
 
 

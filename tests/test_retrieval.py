@@ -4,7 +4,6 @@ training conversations that read, the chat's lookups, and --init_from growing an
 import io
 import json
 import random
-import sqlite3
 import subprocess
 import sys
 
@@ -15,28 +14,8 @@ import torch
 import chat_with_model as chat
 import newgpt
 import retrieval
-from conftest import REPO, TINY_FLAGS, oasst_rows, train_in_process, write_checkpoint, write_jsonl
-
-# Made-up facts, so that a hit can only come from the index.
-COUNTRIES = {"Zembla": "Ostrova", "Florin": "Guilder Town", "Genovia": "Pyrus", "Freedonia": "Fredville",
-             "Latveria": "Doomstadt", "Sokovia": "Novi Grad"}
-
-
-def knowledge_rows():
-    docs = [{"text": f"{country}\n{country} is a small country. Its capital is {capital}, a city on a river. "
-                     f"The people of {country} grow apples and pears."} for country, capital in COUNTRIES.items()]
-    qa = [{"instruction": f"What is the capital of {country}?", "response": f"The capital of {country} is {capital}."}
-          for country, capital in COUNTRIES.items()]
-    return docs + qa
-
-
-@pytest.fixture
-def knowledge(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    folder = tmp_path / "knowledge"
-    folder.mkdir()
-    write_jsonl(folder / "facts.jsonl", knowledge_rows())
-    return folder
+from conftest import (COUNTRIES, REPO, TINY_FLAGS, knowledge_rows, oasst_rows, train_in_process, write_checkpoint,
+                      write_jsonl)
 
 
 def holdout_file(path, questions):
@@ -221,7 +200,7 @@ def test_prompt_with_knowledge_keeps_stdout_for_the_answer(knowledge, tmp_path):
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--ckpt", ckpt, "--knowledge",
                              knowledge, "--prompt", "What is the capital of Latveria?", "--max_new_tokens", "5"],
-                            capture_output=True, text=True, timeout=120, env={**__import__("os").environ})
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "sources: [1]" in result.stderr and "sources" not in result.stdout
     assert result.stdout.strip() and len(result.stdout.strip().splitlines()) <= 5

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -20,7 +21,7 @@ import chat_with_model as chat
 from runtime import RELEASE_DIR
 import newgpt
 import serve
-from conftest import REPO
+from conftest import COUNTRIES, REPO, write_checkpoint
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -350,6 +351,30 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
 
 
 # ---- the parts without a server
+
+
+def test_sources_come_in_an_extension_field_and_a_request_can_switch_retrieval_off(tokenizer, knowledge, tmp_path):
+    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
+                                        n_embd=16))
+    write_checkpoint(model, tokenizer, tmp_path / "ckpt")  # a window with room for passages
+    with running_server(tmp_path / "ckpt", "--knowledge", knowledge) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "What is the capital of Genovia?"}]
+        answer = client.chat.completions.create(model="tinygpt", messages=messages)
+        assert any("Pyrus" in s["text"] for s in answer.model_extra["sources"]), answer.model_extra
+        stream = client.chat.completions.create(model="tinygpt", messages=messages, stream=True)
+        streamed = [c.model_extra.get("sources") for c in stream if c.choices and c.choices[0].finish_reason]
+        assert streamed == [answer.model_extra["sources"]], "the last chunk carries the same sources"
+        off = client.chat.completions.create(model="tinygpt", messages=messages, extra_body={"retrieval": False})
+        assert off.model_extra["sources"] == [] and off.usage.prompt_tokens < answer.usage.prompt_tokens
+        with urllib.request.urlopen(f"{url}/health") as response:
+            assert json.load(response)["knowledge"]["passages"] == 2 * len(COUNTRIES)
+
+
+def test_retrieval_asked_of_a_server_without_knowledge_is_refused(client):
+    with pytest.raises(openai.BadRequestError, match="no knowledge index"):
+        client.chat.completions.create(model="tinygpt", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"retrieval": True})
 
 
 def test_every_sampling_option_is_a_flag_a_set_name_a_page_setting_and_an_api_parameter():
