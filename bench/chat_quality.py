@@ -17,6 +17,10 @@ length in words, the share that ended with <|end|> before max_new_tokens, and th
 an English word list. The word rate does not separate sense from gibberish (word salad is made of real words), so it
 is reported, not targeted.
 
+With --knowledge, each checkpoint trained to read is also evaluated with retrieval (chat_with_model.py
+--knowledge): the hit rate (an accepted answer stands in the passages the model was shown), the reading
+rate (right answers among the hits), and the costs: search latency and time to first token.
+
 For scale, the same relevance and form numbers are computed for real people: the first question of each
 OASST1 validation conversation with its best-ranked human answer (the ceiling), and the same answers
 shuffled to the wrong questions (the floor). Results are appended to bench/results/chat_quality.jsonl.
@@ -36,7 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import chat_with_model as chat  # noqa: E402
-from data import conversations_from_sources  # noqa: E402
+import retrieval  # noqa: E402
+from data import HOLDOUT_FILES, conversations_from_sources  # noqa: E402
 from runtime import UserError  # noqa: E402
 import newgpt  # noqa: E402
 
@@ -58,15 +63,44 @@ def half(items, which):
     return {"all": items, "tune": items[0::2], "test": items[1::2]}[which]
 
 
-def answer_all(model, tokenizer, prompts, sampling):
-    """One fresh conversation per prompt, each with its own seed: (reply text, ended at <|end|>) pairs."""
+@dataclasses.dataclass
+class Reply:
+    text: str
+    ended: bool  # at <|end|>, before max_new_tokens
+    passages: str  # what retrieval put in the context ("" without an index)
+    first_token_s: float  # from the user's turn (lookup included) to the first token
+    search_s: float  # the lookup alone
+
+
+class TimedIndex:
+    """An index whose searches are timed."""
+
+    def __init__(self, index):
+        self.index, self.seconds = index, [0.0]
+
+    def search(self, query):
+        started = time.perf_counter()
+        passages = self.index.search(query)
+        self.seconds.append(time.perf_counter() - started)
+        return passages
+
+
+def answer_all(model, tokenizer, prompts, sampling, index=None):
+    """One fresh conversation per prompt, each with its own seed (and with retrieval when given an index)."""
     replies = []
+    timed = TimedIndex(index) if index else None
     for i, prompt in enumerate(prompts):
-        conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
+        conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32", timed)
         conversation.generator.manual_seed(sampling.seed + i)
+        started = time.perf_counter()
         prompt_ids, _ = conversation.add_user_turn(prompt)
-        text = "".join(conversation.stream_reply(prompt_ids))
-        replies.append((text, conversation.last_answer_tokens < sampling.max_new_tokens))
+        pieces = conversation.stream_reply(prompt_ids)
+        text = next(pieces, "")
+        first_token_s = time.perf_counter() - started
+        text += "".join(pieces)
+        replies.append(Reply(text, conversation.last_answer_tokens < sampling.max_new_tokens,
+                             retrieval.format_passages(conversation.passages), first_token_s,
+                             timed.seconds[-1] if timed else 0.0))
     return replies
 
 
@@ -178,24 +212,42 @@ def reference_rows(path, embedder, word_list):
     return rows
 
 
-def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list):
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def retrieval_stats(questions, asked, right, replies):
+    """Hit rate (an accepted answer stands in the passages shown), reading rate (right among the hits),
+    and what the lookup costs: search latency and time to first token, median and 95th percentile (ms)."""
+    hits = [any(f" {' '.join(words(a))} " in f" {' '.join(words(r.passages))} " for a in q["answers"])
+            for q, r in zip(questions, asked)]
+    everything = asked + replies
+    return {"hit_rate": round(sum(hits) / len(hits), 4), "hits": sum(hits),
+            "reading_rate": round(sum(h and ok for h, ok in zip(hits, right)) / max(1, sum(hits)), 4),
+            "search_ms": [round(1000 * percentile([r.search_s for r in everything], q), 1) for q in (0.5, 0.95)]}
+
+
+def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None):
     started = time.time()
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
-    asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling)
-    right = [names_an_answer(reply, q["answers"]) for (reply, _), q in zip(asked, questions)]
-    replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling)
-    texts = [reply for reply, _ in replies]
+    asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling, index)
+    right = [names_an_answer(reply.text, q["answers"]) for reply, q in zip(asked, questions)]
+    replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling, index)
+    texts = [reply.text for reply in replies]
     scores = relevance_scores(embedder, [p["prompt"] for p in prompts], texts)
-    ended = [e for _, e in asked + replies]
-    return {"checkpoint": str(ckpt_path), "knowledge": round(sum(right) / len(right), 4),
-            "knowledge_right": sum(right), "questions": len(right),
+    ended = [r.ended for r in asked + replies]
+    first_token = [r.first_token_s for r in asked + replies]
+    return {"checkpoint": str(ckpt_path) + (" + knowledge" if index else ""),
+            "knowledge": round(sum(right) / len(right), 4), "knowledge_right": sum(right), "questions": len(right),
             "relevance": round(sum(scores) / len(scores), 4),
             "echo_rate": round(sum(is_echo(p["prompt"], r) for p, r in zip(prompts, texts)) / len(texts), 4),
             "ended_rate": round(sum(ended) / len(ended), 4),
-            **form_stats([reply for reply, _ in asked] + texts, word_list),
-            "seconds": round(time.time() - started),
-            "date": time.strftime("%Y-%m-%d"), "answers": [(q["question"], reply, ok)
-                                                           for q, (reply, _), ok in zip(questions, asked, right)]}
+            **form_stats([reply.text for reply in asked] + texts, word_list),
+            "first_token_ms": [round(1000 * percentile(first_token, q), 1) for q in (0.5, 0.95)],
+            **(retrieval_stats(questions, asked, right, replies) if index else {}),
+            "seconds": round(time.time() - started), "date": time.strftime("%Y-%m-%d"),
+            "answers": [(q["question"], reply.text, ok) for q, reply, ok in zip(questions, asked, right)]}
 
 
 def main():
@@ -212,6 +264,8 @@ def main():
     parser.add_argument("--results", default=str(RESULTS), help="JSONL file the results are appended to")
     parser.add_argument("--half", choices=["all", "tune", "test"], default="all",
                         help="the questions and prompts at even positions (tune), odd ones (test), or all")
+    parser.add_argument("--knowledge", default="",
+                        help="also evaluate each checkpoint that reads passages with retrieval from this index")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="sampling settings instead of the chat's defaults, as its /set command takes them")
     args = parser.parse_args()
@@ -224,15 +278,19 @@ def main():
         except UserError as e:
             raise SystemExit(f"error: --set: {e}")
     embedder, word_list = load_embedder(), load_word_list()
+    index = retrieval.open_index(args.knowledge, HOLDOUT_FILES) if args.knowledge else None
     rows = []
     for path in args.checkpoints:
         try:
-            row = evaluate(path, questions, prompts, sampling, embedder, word_list)
+            _, tokenizer, _ = newgpt.load_checkpoint(path)
+            reads = index is not None and tokenizer.token_to_id("<|context|>") is not None
+            for row in [evaluate(path, questions, prompts, sampling, embedder, word_list, index) for index in
+                        ([None, index] if reads else [None])]:
+                rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
+                for question, reply, ok in row["answers"][:args.show]:
+                    print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")
         except UserError as e:
             raise SystemExit(f"error: {e}")
-        rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
-        for question, reply, ok in row["answers"][:args.show]:
-            print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")
     if args.reference:
         if not Path(args.reference).is_file():
             raise SystemExit(f"error: no OASST1 validation file at {args.reference}; pass --reference PATH or ''")
@@ -245,14 +303,18 @@ def main():
 
 def print_table(rows):
     """A Markdown table: one row per checkpoint, then the human ceiling and the shuffled floor."""
-    print("| | knowledge | relevance | echo | distinct-1 | distinct-2 | loops | words | ended | English words |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| | knowledge | hits | reading | relevance | echo | distinct-1 | distinct-2 | loops | words | ended | "
+          "English words | first token, ms (median / p95) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         knowledge = f"{r['knowledge_right']}/{r['questions']} ({r['knowledge']:.2f})" if "knowledge" in r else "-"
+        hits = f"{r['hits']}/{r['questions']}" if "hits" in r else "-"
+        reading = f"{r['reading_rate']:.2f}" if "reading_rate" in r else "-"
         ended = f"{r['ended_rate']:.0%}" if "ended_rate" in r else "-"
-        print(f"| {r['checkpoint']} | {knowledge} | {r['relevance']:.3f} | {r['echo_rate']:.0%} | "
+        first = " / ".join(f"{ms:.0f}" for ms in r["first_token_ms"]) if "first_token_ms" in r else "-"
+        print(f"| {r['checkpoint']} | {knowledge} | {hits} | {reading} | {r['relevance']:.3f} | {r['echo_rate']:.0%} | "
               f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['loop_rate']:.0%} | {r['mean_words']:.0f} | "
-              f"{ended} | {r['word_rate']:.0%} |")
+              f"{ended} | {r['word_rate']:.0%} | {first} |")
 
 if __name__ == "__main__":
     main()

