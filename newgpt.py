@@ -5,6 +5,7 @@ TinyGPT: train a small chat GPT from scratch on OpenAssistant conversations.
     python newgpt.py --data a.jsonl.gz b.parquet --val_data v.jsonl.gz --max_minutes 20
     python newgpt.py --depth 8 --max_minutes 5         # a bigger model, its schedule laid over 5 minutes
     python newgpt.py --resume                          # continue the newest checkpoint in ckpt/
+    python newgpt.py --init_from ckpt/release --knowledge K --data ...   # fine-tune it to read passages
     torchrun --nproc_per_node=2 newgpt.py --data ...   # data-parallel (gloo on CPU, nccl on CUDA)
 
 The file reads top to bottom as the pipeline runs:
@@ -21,7 +22,8 @@ then on the assistant's only; Muon for the blocks' matrices and AdamW for the re
 cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
 autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
 checkpoints that resume (a step-based run bit-exactly without torch.compile), on CPU, CUDA or MPS.
-Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources.
+Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources; --knowledge PATH,
+which trains the model to read passages retrieved for each question (retrieval.py); --init_from, a fine-tune.
 chat_with_model.py imports the model and the chat format from here, so training and chatting agree.
 """
 
@@ -531,7 +533,8 @@ class PackedRows:
         chunk = torch.from_numpy(self.ids[starts].astype(np.int64))
         x, y = chunk[:, :-1], chunk[:, 1:].clone()
         mask = self.mask[starts[:, 1:]]
-        y[torch.from_numpy(mask != TARGET if (loss_on or self.loss_on) == "assistant" else mask == PASSAGE)] = IGNORE_INDEX
+        ignored = mask != TARGET if (loss_on or self.loss_on) == "assistant" else mask == PASSAGE
+        y[torch.from_numpy(ignored)] = IGNORE_INDEX
         return x, y
 
 
@@ -590,8 +593,8 @@ class PreparedData:
 def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
     """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
     token caches, each reused when already on disk. Returns (PreparedData, "built" or "reused")."""
-    teach_reading = functools.partial(add_passages, knowledge=cfg.knowledge, holdout_files=cfg.holdout, seed=cfg.seed)
-    texts, how = load_or_build_texts(cfg, teach_reading)
+    texts, how = load_or_build_texts(cfg, functools.partial(add_passages, knowledge=cfg.knowledge,
+                                                            holdout_files=cfg.holdout, seed=cfg.seed))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
     if resumed_tokenizer is None:

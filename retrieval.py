@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_conversation, question_words,
-                  read_records, stream_records)
+from data import (FUNCTION_WORDS, asks_a_holdout_question, content_hash, is_streamed, make_conversation,
+                  question_words, read_holdout, read_records, stream_records)
 from runtime import UserError
 
 # Three passages of about 250 characters: 160 tokens (median) leave room for the conversation in a 512-token
@@ -187,7 +187,8 @@ def write_index(path, files, holdout, passage_chars, key, log):
                 if asks_holdout(record, holdout):
                     n_held_out += 1
                     continue
-                rows += [(p.title, p.text, p.source, p.doc) for p in record_passages(record, str(source), number, passage_chars)]
+                passages = record_passages(record, str(source), number, passage_chars)
+                rows += [(p.title, p.text, p.source, p.doc) for p in passages]
             db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
             n_passages += len(rows)
             bar.update(1)
@@ -212,7 +213,6 @@ def is_usable_index(path, key):
 def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
     """The index for a knowledge path or dataset id, built on first use (a progress bar, then one line) and
     reopened from the cache later. A stale or damaged cache file is rebuilt; log=None builds silently."""
-    from data import read_holdout
     files = source_files(spec)
     key = fingerprint(files, holdout_files, passage_chars)
     name = hashlib.sha256(f"{Path(spec).resolve()}:{passage_chars}".encode()).hexdigest()[:16]
@@ -290,8 +290,8 @@ def with_passages(conversation, index, rng, k=PASSAGES_PER_ANSWER):
 def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
     """Up to n Q/A pairs of one local knowledge file, each with passages retrieved from the other records
     that hold its answer: the model learns to answer from what it reads."""
-    records = [(number, r) for number, r in enumerate(read_records(Path(source)))
-               if isinstance(r, dict) and r.get("instruction") and r.get("response") and not asks_holdout(r, holdout)]
+    records = [(number, r) for number, r in enumerate(read_records(Path(source))) if isinstance(r, dict)
+               and r.get("instruction") and r.get("response") and not asks_holdout(r, holdout)]
     rng.shuffle(records)
     conversations = []
     for number, record in records[:3 * n]:  # about half hold their answer; the cap bounds the searching
@@ -308,11 +308,15 @@ def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
 def add_passages(texts, knowledge, holdout_files, seed, log=print):
     """train_texts.json's training conversations, taught to read: chats get passages (or none), and Q/A pairs
     of the knowledge sources come with the passages that answer them. Validation stays as it was."""
-    from data import content_hash, read_holdout
-    index, rng, holdout = open_index(knowledge, holdout_files, log=log), random.Random(seed), read_holdout(holdout_files)
+    from tqdm import tqdm
+    index, holdout = open_index(knowledge, holdout_files, log=log), read_holdout(holdout_files)
+    rng = random.Random(seed)
     started = time.time()
-    train = [with_passages(c, index, rng) for c in texts["train"]]
-    reading = [c for source in source_files(knowledge) if not isinstance(source, str)
+    chats = tqdm(texts["train"], desc="passages for chats", unit="chat", disable=log is None, mininterval=2)
+    train = [with_passages(c, index, rng) for c in chats]
+    files = tqdm([f for f in source_files(knowledge) if not isinstance(f, str)], desc="reading questions",
+                 unit="file", disable=log is None)
+    reading = [c for source in files
                for c in reading_questions(source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE)]
     if log:
         n_with = sum(any(t["role"] == "context" for t in c["turns"]) for c in train)
