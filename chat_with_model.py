@@ -5,8 +5,11 @@ whole conversation (rendered with the same function that rendered its training d
     python chat_with_model.py                          # newest checkpoint in ckpt/, else the release model
     python chat_with_model.py --ckpt ckpt/gpt_step2000.pt --temperature 0.7 --top_p 0.9
     python chat_with_model.py --prompt "What is a llama?"
+    python chat_with_model.py --knowledge ../shared/data/knowledge   # look things up before each answer
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
 
+With --knowledge, each user turn is first looked up in a full-text index (retrieval.py); the best passages
+enter the prompt as a context turn after it, a line names their sources, and /sources shows them.
 Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling first
 pushes repeats down (a CTRL penalty on recent tokens, OpenAI's frequency and presence penalties, DRY on
 repeated sequences, banned n-grams), then applies temperature (0 means greedy), top-k, top-p and min-p,
@@ -388,9 +391,9 @@ def sources_line(passages):
     return "sources: " + "; ".join(f"[{i}] {name}" for i, name in enumerate(names, start=1))
 
 
-def stream_answer(chat, user_text, out, show_speed, notes=sys.stderr):
-    """Stream one answer to out; the sources line goes to notes (stderr for --prompt, so stdout stays the
-    answer alone)."""
+def stream_answer(chat, user_text, out, show_speed, notes=None):
+    """Stream one answer to out; the sources line goes to notes (by default stderr: with --prompt, stdout
+    holds the answer alone)."""
     started = time.time()
     prompt_ids, notice = chat.add_user_turn(user_text)
     if notice:
@@ -404,7 +407,7 @@ def stream_answer(chat, user_text, out, show_speed, notes=sys.stderr):
     out.write("\n")
     if chat.passages:
         out.flush()
-        notes.write(sources_line(chat.passages) + "\n")
+        (notes or sys.stderr).write(sources_line(chat.passages) + "\n")
     if show_speed:
         seconds = time.time() - started
         out.write(f"[{chat.last_answer_tokens} tokens in {seconds:.2f}s, "

@@ -27,6 +27,7 @@ import torch
 from chat_with_model import SamplingConfig
 from data import split_weight
 from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, default_checkpoint, load_checkpoint
+from retrieval import source_files
 from runtime import UserError
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
@@ -271,9 +272,13 @@ def recorded_val_bpb(ckpt, run_dir):
 def model_card(ckpt, hf_model, model, run_dir, out):
     config, train = model.config, ckpt["train_config"]
     bpb = recorded_val_bpb(ckpt, run_dir)
-    all_sources = train.get("pretrain_data", []) + train["data"]
+    knowledge = [train["knowledge"]] if train.get("knowledge") else []
+    if knowledge and Path(knowledge[0]).exists():  # a folder: name each file, so that each licence shows
+        knowledge = [str(f) for f in source_files(knowledge[0])]
+    all_sources = train.get("pretrain_data", []) + train["data"] + knowledge
     sources = "\n".join([f"- {describe_source(s, 'knowledge stage')}" for s in train.get("pretrain_data", [])] +
-                        [f"- {describe_source(s, 'chat stage')}" for s in train["data"]])
+                        [f"- {describe_source(s, 'chat stage')}" for s in train["data"]] +
+                        [f"- {describe_source(s, 'passages and reading questions')}" for s in knowledge])
     notice = f"\n\n{WORDNET_NOTICE}" if any("wordnet" in s.lower() for s in all_sources) else ""
     validation = ", ".join(f"`{Path(s).name}`" for s in train.get("val_data") or []) or "about 2% of the trees"
     return f"""# TinyGPT {config.n_layer} x {config.n_embd}
@@ -297,7 +302,7 @@ print(chat([{{"role": "user", "content": "What is a llama?"}}])[0]["generated_te
 
 Generation stops at `<|end|>`, the end of a turn. By default it samples with the TinyGPT chat's settings:
 {sampling_differences()}
-
+{READING_NOTE if knowledge else ""}
 ## Training data
 
 {sources}
@@ -306,6 +311,12 @@ The model is derived from these sources, and their terms carry over to it: where
 credit it and share what you derive from the model under the same licence.{notice}
 """
 
+
+READING_NOTE = """
+The model was trained to answer from passages (TinyGPT's `--knowledge`): pass them as
+`tokenizer.apply_chat_template(messages, documents=[{"title": ..., "text": ...}], add_generation_prompt=True)`,
+and they go in a `<|context|>` turn after the last user message, numbered [1], [2], ...
+"""
 
 # -----------------------------------------------------------------------------
 # Export

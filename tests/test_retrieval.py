@@ -72,6 +72,14 @@ def test_a_missing_knowledge_path_is_a_one_line_error(tmp_path):
         retrieval.open_index(tmp_path / "empty", log=None)
 
 
+def test_an_unwritable_cache_is_a_one_line_error(knowledge, tmp_path, monkeypatch):
+    blocker = tmp_path / "a file, not a folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with pytest.raises(newgpt.UserError, match="set XDG_CACHE_HOME"):
+        retrieval.open_index(knowledge, log=None)
+
+
 def test_passages_are_cut_on_sentence_ends():
     text = " ".join(f"Sentence number {i} is here." for i in range(40))
     pieces = retrieval.cut_passages(text, size=100)
