@@ -73,22 +73,22 @@ class Reply:
 
 
 class TimedIndex:
-    """An index whose searches are timed."""
+    """An index whose searches are timed, returning k passages."""
 
-    def __init__(self, index):
-        self.index, self.seconds = index, [0.0]
+    def __init__(self, index, k):
+        self.index, self.k, self.seconds = index, k, [0.0]
 
     def search(self, query):
         started = time.perf_counter()
-        passages = self.index.search(query)
+        passages = self.index.search(query, self.k)
         self.seconds.append(time.perf_counter() - started)
         return passages
 
 
-def answer_all(model, tokenizer, prompts, sampling, index=None):
+def answer_all(model, tokenizer, prompts, sampling, index=None, k=retrieval.PASSAGES_PER_ANSWER):
     """One fresh conversation per prompt, each with its own seed (and with retrieval when given an index)."""
     replies = []
-    timed = TimedIndex(index) if index else None
+    timed = TimedIndex(index, k) if index else None
     for i, prompt in enumerate(prompts):
         conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32", timed)
         conversation.generator.manual_seed(sampling.seed + i)
@@ -228,26 +228,33 @@ def retrieval_stats(questions, asked, right, replies):
             "search_ms": [round(1000 * percentile([r.search_s for r in everything], q), 1) for q in (0.5, 0.95)]}
 
 
-def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None):
-    started = time.time()
-    model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
-    asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling, index)
+def score(name, questions, prompts, asked, replies, embedder, word_list, retrieved):
+    """The bench's row for one model's answers to the questions (asked) and the prompts (replies)."""
     right = [names_an_answer(reply.text, q["answers"]) for reply, q in zip(asked, questions)]
-    replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling, index)
     texts = [reply.text for reply in replies]
     scores = relevance_scores(embedder, [p["prompt"] for p in prompts], texts)
     ended = [r.ended for r in asked + replies]
     first_token = [r.first_token_s for r in asked + replies]
-    return {"checkpoint": str(ckpt_path) + (" + knowledge" if index else ""),
-            "knowledge": round(sum(right) / len(right), 4), "knowledge_right": sum(right), "questions": len(right),
-            "relevance": round(sum(scores) / len(scores), 4),
-            "echo_rate": round(sum(is_echo(p["prompt"], r) for p, r in zip(prompts, texts)) / len(texts), 4),
+    return {"checkpoint": name, "knowledge": round(sum(right) / len(right), 4), "knowledge_right": sum(right),
+            "questions": len(right), "relevance": round(sum(scores) / len(scores), 4),
+            "echo_rate": round(sum(is_echo(p["prompt"], t) for p, t in zip(prompts, texts)) / len(texts), 4),
             "ended_rate": round(sum(ended) / len(ended), 4),
             **form_stats([reply.text for reply in asked] + texts, word_list),
             "first_token_ms": [round(1000 * percentile(first_token, q), 1) for q in (0.5, 0.95)],
-            **(retrieval_stats(questions, asked, right, replies) if index else {}),
-            "seconds": round(time.time() - started), "date": time.strftime("%Y-%m-%d"),
+            **(retrieval_stats(questions, asked, right, replies) if retrieved else {}),
+            "date": time.strftime("%Y-%m-%d"),
             "answers": [(q["question"], reply.text, ok) for q, reply, ok in zip(questions, asked, right)]}
+
+
+def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None,
+             k=retrieval.PASSAGES_PER_ANSWER):
+    started = time.time()
+    model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
+    asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling, index, k)
+    replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling, index, k)
+    name = str(ckpt_path) + (f" + knowledge (k={k})" if index else "")
+    return score(name, questions, prompts, asked, replies, embedder, word_list, index is not None) | {
+        "seconds": round(time.time() - started)}
 
 
 def main():
@@ -266,6 +273,8 @@ def main():
                         help="the questions and prompts at even positions (tune), odd ones (test), or all")
     parser.add_argument("--knowledge", default="",
                         help="also evaluate each checkpoint that reads passages with retrieval from this index")
+    parser.add_argument("--passages", type=int, nargs="+", default=[retrieval.PASSAGES_PER_ANSWER], metavar="K",
+                        help="with --knowledge: passages per answer, one evaluation per value")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="sampling settings instead of the chat's defaults, as its /set command takes them")
     args = parser.parse_args()
@@ -284,8 +293,8 @@ def main():
         try:
             _, tokenizer, _ = newgpt.load_checkpoint(path)
             reads = index is not None and tokenizer.token_to_id("<|context|>") is not None
-            for row in [evaluate(path, questions, prompts, sampling, embedder, word_list, index) for index in
-                        ([None, index] if reads else [None])]:
+            runs = [(None, 0)] + ([(index, k) for k in args.passages] if reads else [])
+            for row in [evaluate(path, questions, prompts, sampling, embedder, word_list, i, k) for i, k in runs]:
                 rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
                 for question, reply, ok in row["answers"][:args.show]:
                     print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")

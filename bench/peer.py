@@ -46,40 +46,32 @@ def with_passages(prompt, passages):
 
 
 def answer_all(model, tokenizer, prompts, max_new_tokens, seed, index=None):
+    """(Reply per prompt); the time to first token is the lookup plus one forward pass over the prompt."""
     replies = []
     for i, prompt in enumerate(prompts):
+        started = time.perf_counter()
         passages = index.search(prompt) if index else []
+        search_s = time.perf_counter() - started
         messages = [{"role": "user", "content": with_passages(prompt, passages)}]
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True)
+        model(**inputs)
+        first_token_s = time.perf_counter() - started
         torch.manual_seed(seed + i)
-        started = time.perf_counter()
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.2,
                                 top_p=0.9, pad_token_id=tokenizer.eos_token_id)
         new = output[0, inputs["input_ids"].shape[1]:]
         ended = bool((new == tokenizer.eos_token_id).any())
         replies.append(Reply(tokenizer.decode(new, skip_special_tokens=True).strip(), ended,
-                             retrieval.format_passages(passages), time.perf_counter() - started, 0.0))
+                             retrieval.format_passages(passages), first_token_s, search_s))
     return replies
 
 
 def evaluate(model, tokenizer, questions, prompts, args, embedder, word_list, index):
     asked = answer_all(model, tokenizer, [q["question"] for q in questions], args.max_new_tokens, args.seed, index)
-    right = [chat_quality.names_an_answer(r.text, q["answers"]) for r, q in zip(asked, questions)]
     replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], args.max_new_tokens, args.seed, index)
-    texts = [r.text for r in replies]
-    scores = chat_quality.relevance_scores(embedder, [p["prompt"] for p in prompts], texts)
-    row = {"checkpoint": "SmolLM2-135M-Instruct Q4_1" + (" + knowledge" if index else ""),
-           "knowledge": round(sum(right) / len(right), 4), "knowledge_right": sum(right), "questions": len(right),
-           "relevance": round(sum(scores) / len(scores), 4),
-           "echo_rate": round(sum(chat_quality.is_echo(p["prompt"], t) for p, t in zip(prompts, texts)) / len(texts), 4),
-           "ended_rate": round(sum(r.ended for r in asked + replies) / len(asked + replies), 4),
-           **chat_quality.form_stats([r.text for r in asked] + texts, word_list),
-           "date": time.strftime("%Y-%m-%d"),
-           "answers": [(q["question"], r.text, ok) for q, r, ok in zip(questions, asked, right)]}
-    if index:
-        row |= chat_quality.retrieval_stats(questions, asked, right, replies)
-    return row
+    name = "SmolLM2-135M-Instruct Q4_1" + (f" + knowledge (k={retrieval.PASSAGES_PER_ANSWER})" if index else "")
+    return chat_quality.score(name, questions, prompts, asked, replies, embedder, word_list, index is not None)
 
 
 def main():

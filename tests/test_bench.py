@@ -66,7 +66,7 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
     out = run_bench("chat_quality.py", trained_run, "--max_new_tokens", "4", "--reference", "",
                     "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
-    assert " + knowledge |" in out, "a checkpoint that reads is also evaluated with retrieval"
+    assert " + knowledge (k=3) |" in out, "a checkpoint that reads is also evaluated with retrieval"
 
 
 def test_retrieval(trained_run, knowledge):
