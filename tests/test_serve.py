@@ -434,17 +434,46 @@ def test_a_port_out_of_range_is_refused(port, capsys):
 
 
 @pytest.mark.slow
-def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops():
+def launch_chromium(playwright):
     if not CHROMIUM.exists():
         pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium (as .ci/run does)")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run"])
+
+
+def test_the_chat_page_shows_sources_and_can_switch_retrieval_off(tokenizer, knowledge, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
+                                        n_embd=16))
+    write_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    with running_server(tmp_path / "ckpt", "--knowledge", knowledge) as url, sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        page.goto(url)
+        for turn, look_up in enumerate([True, False], start=1):
+            if not look_up:
+                page.locator("details.settings summary").click()
+                page.uncheck("#retrieval")
+            page.fill("#prompt", "What is the capital of Genovia?")
+            page.keyboard.press("Enter")
+            expect(page.locator(".msg.assistant")).to_have_count(turn)
+            expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
+        answers = page.locator(".msg.assistant")
+        expect(answers.nth(0).locator("details.sources summary")).to_contain_text("[1] ")
+        answers.nth(0).locator("details.sources summary").click()
+        expect(answers.nth(0).locator("details.sources")).to_contain_text("Pyrus")
+        expect(answers.nth(1).locator("details.sources")).to_have_count(0)
+        browser.close()
+
+
+def test_the_chat_page_streams_answers_keeps_the_conversation_and_stops():
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect, sync_playwright
     ARTIFACTS.mkdir(exist_ok=True)
     # The release model: real answers, and slow enough on a CPU that Stop lands mid-answer.
     with running_server(RELEASE_DIR) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone-width screen
         page.goto(url)
         expect(page.locator("#model")).to_contain_text("step")
