@@ -17,6 +17,10 @@ safe streaming) on one worker thread that takes requests in order of arrival: a 
 cores for a second generation, so running two at once would only make both slower. A client that
 disconnects stops its generation at the next token. Bodies, message counts, max_tokens and the queue are
 bounded; every error is an OpenAI-style error object, never a 500 with a traceback.
+
+With --knowledge (as in the chat), each answer is looked up first: the response keeps OpenAI's shape and adds
+the passages in an extension field, "sources" (on the last chunk when streamed), which clients ignore; a
+request's "retrieval": false skips the lookup.
 """
 
 import argparse
