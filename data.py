@@ -424,7 +424,7 @@ def build_options(cfg):
     holdout = [content_hash(Path(p).read_text()) if Path(p).is_file() else p for p in cfg.holdout]
     return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
             "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout,
-            **({"knowledge": cfg.knowledge} if cfg.knowledge else {})}
+            **({"knowledge": split_weight(cfg.knowledge)[0]} if cfg.knowledge else {})}
 
 
 def is_texts_file(texts):

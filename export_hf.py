@@ -272,7 +272,7 @@ def recorded_val_bpb(ckpt, run_dir):
 def model_card(ckpt, hf_model, model, run_dir, out):
     config, train = model.config, ckpt["train_config"]
     bpb = recorded_val_bpb(ckpt, run_dir)
-    knowledge = [train["knowledge"]] if train.get("knowledge") else []
+    knowledge = [split_weight(train["knowledge"])[0]] if train.get("knowledge") else []
     if knowledge and Path(knowledge[0]).exists():  # a folder: name each file, so that each licence shows
         knowledge = [str(f) for f in source_files(knowledge[0])]
     all_sources = train.get("pretrain_data", []) + train["data"] + knowledge

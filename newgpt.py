@@ -103,7 +103,8 @@ class TrainConfig:
         "help": "held-out sources; without it about 2%% of the message trees are held out"})
     knowledge: str = field(default="", metadata={
         "help": "teach the model to read: chats get passages retrieved from this knowledge file, folder or "
-                "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them"})
+                "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them "
+                "(PATH:WEIGHT weights those reading questions as --data weights a source)"})
     init_from: str = field(default="", metadata={
         "help": "start from this checkpoint's weights and tokenizer with a fresh optimizer and schedule (a "
                 "fine-tune); its vocabulary gains any chat-format token it lacks"})
@@ -168,12 +169,11 @@ BUDGET_DECAY_FRACTION = 0.4
 
 
 def size_for_depth(depth, device_type):
-    """The size dial: --depth N sets blocks, width, heads, dropout, context and batch together. The width
-    grows by 64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims, the head size
-    that measured best. From depth 12 (91M parameters, ten per training token) dropout holds off
-    overfitting. The learning rate stays: Muon scales each matrix's update to AdamW's size, and the same
-    1e-3 trained every depth measured. On CUDA the context doubles, for longer chat histories, at the same
-    tokens per step; a CPU keeps the 512 that its measurements used."""
+    """The size dial: --depth N sets blocks, width, heads, dropout, context and batch together. The width grows
+    by 64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims, the head size that
+    measured best. From depth 12 (91M parameters, ten per training token) dropout holds off overfitting. The
+    learning rate stays: Muon scales each matrix's update to AdamW's size, and 1e-3 trained every depth
+    measured. CUDA doubles the context, for longer chats, at the same tokens per step; a CPU keeps 512."""
     n_head = (depth + 1) // 2
     size = {"n_layer": depth, "n_head": n_head, "n_embd": 128 * n_head, "dropout": 0.1 if depth >= 12 else 0.0}
     if device_type == "cuda":
@@ -593,8 +593,9 @@ class PreparedData:
 def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
     """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
     token caches, each reused when already on disk. Returns (PreparedData, "built" or "reused")."""
-    texts, how = load_or_build_texts(cfg, functools.partial(add_passages, knowledge=cfg.knowledge,
-                                                            holdout_files=cfg.holdout, seed=cfg.seed))
+    teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
+                                      holdout_files=cfg.holdout, seed=cfg.seed)
+    texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
     if resumed_tokenizer is None:
@@ -655,9 +656,11 @@ def mixed_rows(arrays, specs, block_size, loss_on, seed):
 
 
 def packed_splits(data, block_size, cfg):
-    """Chat rows (targets per --loss_on), knowledge rows (every token; None without --pretrain_data) and
-    validation rows (always the assistant's tokens)."""
-    train_rows = mixed_rows(data.arrays["train"], cfg.data, block_size, cfg.loss_on, cfg.seed)
+    """Chat rows (targets per --loss_on; reading questions weighted as --knowledge says), knowledge rows (every
+    token; None without --pretrain_data) and validation rows (always the assistant's tokens)."""
+    reading = [f"{source}:{split_weight(cfg.knowledge)[1]}" for source, _, _ in data.arrays["train"]
+               if source.startswith("reading:")]
+    train_rows = mixed_rows(data.arrays["train"], cfg.data + reading, block_size, cfg.loss_on, cfg.seed)
     knowledge_rows = mixed_rows(data.arrays["pretrain"], cfg.pretrain_data, block_size, "all", cfg.seed)
     (_, val_ids, val_mask), = data.arrays["val"]
     val_rows = PackedRows(val_ids, val_mask, block_size, "assistant", data.tokenizer.token_to_id("<|pad|>"))
@@ -920,8 +923,7 @@ def default_checkpoint(out_dir="ckpt"):
     found = latest_checkpoint(out_dir) or latest_checkpoint(RELEASE_DIR)
     if found:
         return found
-    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/; train one with: "
-                    f"python newgpt.py")
+    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/: python newgpt.py trains one")
 
 
 def make_release(source, out_dir):
@@ -1028,8 +1030,7 @@ def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
 
 
 def load_weights_growing_vocab(model, weights):
-    """A checkpoint's weights into a model whose vocabulary may have gained tokens (with_chat_tokens): the
-    new embedding rows keep their fresh initialisation."""
+    """A checkpoint's weights into a model whose vocabulary may have gained tokens: new rows keep their init."""
     weights = dict(weights)
     for name in ("transformer.wte.weight", "lm_head.weight"):
         grown = model.state_dict()[name].clone()
@@ -1246,7 +1247,7 @@ def configs_from_args(args):
         resumed = ckpt["model_config"] | {name: value for name, value in ckpt["train_config"].items()
                                           if name not in ("resume", "out_dir")}
         given = {name: value for name, value in given.items() if name not in ckpt["model_config"]}
-    if args.init_from and not args.resume:  # a fine-tune keeps the architecture of the model it starts from
+    elif args.init_from:  # a fine-tune keeps the architecture of the model it starts from
         given["init_from"] = str(checkpoint_file(args.init_from))
         resumed = read_checkpoint(Path(given["init_from"]))["model_config"]
         given = {name: value for name, value in given.items() if name not in resumed}
