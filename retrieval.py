@@ -38,6 +38,7 @@ from runtime import UserError
 PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 3
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
+MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
 INDEX_FORMAT = "tinygpt-fts5-v1"
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
@@ -142,8 +143,8 @@ def fts_match(words):
 class KnowledgeIndex:
     """An FTS5 index of passages; search(query, k) is the whole interface."""
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, path, common_fraction=COMMON_FRACTION, max_words=MAX_QUERY_WORDS):
+        self.path, self.common_fraction, self.max_words = Path(path), common_fraction, max_words
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         self.n_passages = self.db.execute("SELECT value FROM meta WHERE key = 'passages'").fetchone()[0]
         self.counts = {}  # word -> how many passages hold it
@@ -160,14 +161,15 @@ class KnowledgeIndex:
         return [Passage(*row) for row in rows]
 
     def rare_words(self, words):
-        """Drop words found in more than COMMON_FRACTION of the passages ("known", "first", "world"): BM25
-        gives them little weight, but scoring their tens of thousands of passages is most of a query's time."""
+        """The max_words rarest words, none found in more than common_fraction of the passages ("known",
+        "first", "world"): BM25 gives common words little weight, but scoring the passages that hold them is
+        most of a query's time, and a long message would OR together dozens of words."""
         for w in set(words) - self.counts.keys():
             self.counts[w] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
                                              (fts_match([w]),)).fetchone()[0]
-        counts = self.counts
-        rare = [w for w in words if counts[w] <= COMMON_FRACTION * self.n_passages]
-        return rare or sorted(words, key=counts.get)[:1]
+        rarest = sorted(words, key=self.counts.get)
+        rare = [w for w in rarest if self.counts[w] <= self.common_fraction * self.n_passages][:self.max_words]
+        return rare or rarest[:1]
 
     def close(self):
         self.db.close()

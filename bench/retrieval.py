@@ -3,14 +3,17 @@ what they cost in tokens of the 512-token window, how long a search takes, and w
 
     python bench/retrieval.py ../shared/data/knowledge                       # the shipped passage length
     python bench/retrieval.py ../shared/data/knowledge --sizes 250 400 600 --ks 1 2 3 5
+    python bench/retrieval.py ../shared/data/knowledge --common 0.01 0.02 1 --max_words 4 8 99 --ks 3
 
 Each passage length gets a fresh index in a temporary cache (so the build is timed from nothing); the bench
 questions' own Q/A pairs are left out of it, as in the chat. A hit is an accepted answer, as whole words,
-anywhere in the k passages. Tokens are counted with the release model's tokenizer. --embed N also times
+anywhere in the k passages. Each search is timed on a fresh connection's first use of its words, for the
+questions and for the longer everyday prompts. Tokens are counted with the release model's tokenizer. --embed N also times
 all-MiniLM-L6-v2 (the dense alternative) embedding N passages, to size a dense index of the same corpus.
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -67,14 +70,22 @@ def main():
     parser.add_argument("--questions", default=str(QUESTIONS))
     parser.add_argument("--tokenizer", default=str(next((REPO / "ckpt" / "release").glob("tokenizer-*.json"), "")),
                         help="tokenizer that counts the passages' tokens")
+    parser.add_argument("--common", type=float, nargs="+", default=[retrieval.COMMON_FRACTION],
+                        help="drop query words found in more than this share of the passages")
+    parser.add_argument("--max_words", type=int, nargs="+", default=[retrieval.MAX_QUERY_WORDS],
+                        help="look up at most this many of a query's rarest words")
+    parser.add_argument("--prompts", default=str(REPO / "bench" / "chat_prompts.jsonl"),
+                        help="everyday prompts, timed too (their messages are longer than the questions)")
     parser.add_argument("--embed", type=int, default=0, help="time the dense embedder on this many passages")
     args = parser.parse_args()
     questions = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
     tokenizer = newgpt.load_tokenizer(args.tokenizer)
     print(f"{len(questions)} questions; a hit is an accepted answer inside the k passages\n")
-    print("| passage chars | passages | build s | index MB | k | hits | tokens (median / max) | "
-          "search ms (median / p95) |")
-    print("|---|---|---|---|---|---|---|---|")
+    prompts = [{"question": json.loads(line)["prompt"], "answers": []}
+               for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    print("| passage chars | passages | build s | index MB | common | words | k | hits | tokens (median / max) | "
+          "search ms, questions (median / p95) | search ms, prompts (median / p95) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["XDG_CACHE_HOME"] = cache
@@ -82,11 +93,14 @@ def main():
             index = retrieval.open_index(args.knowledge, HOLDOUT_FILES, passage_chars=size, log=None)
             build_s = time.perf_counter() - started
             megabytes = index.path.stat().st_size / 2 ** 20
-            for k in args.ks:
-                m = measure(index, questions, k, tokenizer)
-                print(f"| {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {k} | "
-                      f"{m['hits']}/{len(questions)} | {m['tokens_median']:.0f} / {m['tokens_max']} | "
-                      f"{m['search_ms_median']:.1f} / {m['search_ms_p95']:.1f} |")
+            for common, max_words, k in itertools.product(args.common, args.max_words, args.ks):
+                variant = retrieval.KnowledgeIndex(index.path, common, max_words)  # its own word counts
+                m, p = measure(variant, questions, k, tokenizer), measure(variant, prompts, k, tokenizer)
+                print(f"| {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {common} | {max_words} | "
+                      f"{k} | {m['hits']}/{len(questions)} | {m['tokens_median']:.0f} / {m['tokens_max']} | "
+                      f"{m['search_ms_median']:.1f} / {m['search_ms_p95']:.1f} | "
+                      f"{p['search_ms_median']:.1f} / {p['search_ms_p95']:.1f} |")
+                variant.close()
             if args.embed:
                 per_passage = time_embeddings(index, args.embed)
                 print(f"\nall-MiniLM-L6-v2: {1000 * per_passage:.1f} ms per passage on this CPU: "
