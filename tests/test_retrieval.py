@@ -138,21 +138,21 @@ def test_passages_are_never_targets_even_with_the_loss_on_every_token(tokenizer)
 # ---- the chat
 
 
-def tiny_knowledge_run(tmp, knowledge, *extra):
+def tiny_knowledge_run(tmp, knowledge, *extra, weight=""):
     data = write_jsonl(tmp / "oasst.jsonl", oasst_rows(60))
     chats = write_jsonl(tmp / "chats.jsonl", [{"instruction": f"Tell me about {country}.", "response": "A country."}
                                               for country in COUNTRIES])
     flags = [f if f != "32" or TINY_FLAGS[i - 1] != "--block_size" else "256" for i, f in enumerate(TINY_FLAGS)]
-    status = train_in_process("--data", data, chats, "--knowledge", knowledge, "--texts", tmp / "texts.json",
+    status = train_in_process("--data", data, chats, "--knowledge", f"{knowledge}{weight}", "--texts", tmp / "texts.json",
                               "--out_dir", tmp / "ckpt", *flags, "--max_steps", "2", *extra)
     assert status == 0, "the tiny training run with --knowledge failed"
     return tmp / "ckpt"
 
 
 def test_training_with_knowledge_puts_passages_in_the_texts(knowledge, tmp_path):
-    tiny_knowledge_run(tmp_path, knowledge)
+    tiny_knowledge_run(tmp_path, knowledge, weight=":3")
     texts = json.loads((tmp_path / "texts.json").read_text())
-    assert texts["build"]["knowledge"] == str(knowledge)
+    assert texts["build"]["knowledge"] == str(knowledge), "the weight is not part of the path"
     reading = [c for c in texts["train"] if c["source"].startswith("reading:")]
     chats = [c for c in texts["train"] if not c["source"].startswith("reading:")]
     assert len(reading) == len(COUNTRIES), "the Q/A pairs become reading questions"
