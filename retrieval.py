@@ -256,14 +256,24 @@ def format_passages(passages):
                        for i, p in enumerate(passages, start=1))
 
 
+REFERRING_WORDS = frozenset("it its he him his she her they them their there that this those these".split())
+
+
+def is_follow_up(turn):
+    """A turn that leans on the one before: it refers back ("and its population?") or names almost nothing
+    ("tell me more")."""
+    words = set(re.findall(r"[a-z]+", turn.lower()))
+    return bool(words & REFERRING_WORDS) or len(question_words(turn)) < 2
+
+
 def conversation_query(user_turns):
-    """What to look up for the newest user turn: the turn alone, unless it is a short follow-up ("and its
-    population?"), which borrows the words of the turns before it."""
+    """What to look up for the newest user turn: the turn alone, or for a follow-up, with the turns before it
+    back to the last that stands on its own."""
     query = user_turns[-1]
     for earlier in reversed(user_turns[:-1]):
-        if len(question_words(query)) >= 4:
+        if not is_follow_up(query.split("\n")[0]):
             break
-        query = f"{earlier} {query}"
+        query = f"{earlier}\n{query}"
     return query
 
 # -----------------------------------------------------------------------------
