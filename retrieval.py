@@ -33,8 +33,8 @@ from data import (asks_a_holdout_question, content_hash, is_streamed, make_conve
                   read_holdout, read_records, stream_records)
 from runtime import UserError
 
-# Three passages of about 250 characters: 160 tokens (median) leave room for the conversation in a 512-token
-# window, and hold a bench answer as often as two of 400 or 600 (bench/RESULTS.md, "Retrieval").
+# Three passages of about 250 characters: as many bench answers as three of 400, in 30 fewer tokens of the
+# 512-token window, which the conversation needs too (bench/RESULTS.md, "Retrieval").
 PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 3
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
