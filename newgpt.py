@@ -604,7 +604,7 @@ def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
         tokenizer_path = out_dir / resumed_tokenizer.name
         if not tokenizer_path.is_file():
             atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(resumed_tokenizer, tmp))
-        tokenizer_path = with_chat_tokens(tokenizer_path)
+        tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
     arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}

@@ -256,3 +256,6 @@ def test_init_from_grows_an_older_vocabulary_and_keeps_the_weights(knowledge, tm
     before, after = start.state_dict(), model.state_dict()
     for name, weight in before.items():
         assert torch.allclose(after[name][:len(weight)], weight, atol=1e-6), f"{name} did not start from the checkpoint"
+    assert train_in_process("--resume", "--out_dir", tmp_path / "tuned", "--max_steps", "2") == 0, \
+        "a fine-tune resumes with its grown tokenizer"
+    assert newgpt.load_checkpoint(tmp_path / "tuned")[2]["step"] == 2
