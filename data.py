@@ -382,6 +382,11 @@ def content_hash(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def texts_hash(texts):
+    """What the token caches and checkpoints key on: every conversation of every split."""
+    return content_hash([texts["train"], texts["val"], texts["pretrain"]])
+
+
 def build_texts(cfg):
     """Read every source, build conversations, split train/val, keep the evaluation prompts out of training
     and record where they came from."""
@@ -412,8 +417,9 @@ def build_texts(cfg):
         raise UserError("no validation conversations: give --val_data or more data")
     if local and not pretrain:
         raise UserError(f"no usable documents or Q/A pairs in {' '.join(cfg.pretrain_data)}")
-    return {"format": "tinygpt-texts-v1", "build": build_options(cfg), "sha256": content_hash([train, val, pretrain]),
-            "held_out": held_out, "train": train, "val": val, "pretrain": pretrain, "stream_sample": stream_sample}
+    texts = {"format": "tinygpt-texts-v1", "build": build_options(cfg), "held_out": held_out, "train": train,
+             "val": val, "pretrain": pretrain, "stream_sample": stream_sample}
+    return texts | {"sha256": texts_hash(texts)}
 
 
 def build_options(cfg):
@@ -449,7 +455,7 @@ def read_texts_file(path):
     if not texts.get("val"):
         texts["train"], texts["val"] = split_by_group(texts["train"])
     texts.setdefault("pretrain", [])
-    texts.setdefault("sha256", content_hash([texts["train"], texts["val"], texts["pretrain"]]))
+    texts.setdefault("sha256", texts_hash(texts))
     return texts
 
 
@@ -466,6 +472,7 @@ def load_or_build_texts(cfg, add_passages=None):
     texts = build_texts(cfg)
     if cfg.knowledge:
         texts = add_passages(texts)
+        texts["sha256"] = texts_hash(texts)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8"))
     return texts, "built"
 
