@@ -108,10 +108,14 @@ def words(text):
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
+def holds_an_answer(text, accepted, max_words=None):
+    """An accepted answer, as whole words, within the text's first max_words words (None: anywhere)."""
+    padded = " " + " ".join(words(text)[:max_words]) + " "
+    return any(f" {' '.join(words(answer))} " in padded for answer in accepted)
+
+
 def names_an_answer(reply, accepted):
-    """An accepted answer, as whole words, within the reply's first KNOWLEDGE_WORDS words."""
-    head = " " + " ".join(words(reply)[:KNOWLEDGE_WORDS]) + " "
-    return any(f" {' '.join(words(answer))} " in head for answer in accepted)
+    return holds_an_answer(reply, accepted, KNOWLEDGE_WORDS)
 
 
 def ngrams(words_, n):
@@ -220,8 +224,7 @@ def percentile(values, q):
 def retrieval_stats(questions, asked, right, replies):
     """Hit rate (an accepted answer stands in the passages shown), reading rate (right among the hits),
     and what the lookup costs: search latency and time to first token, median and 95th percentile (ms)."""
-    hits = [any(f" {' '.join(words(a))} " in f" {' '.join(words(r.passages))} " for a in q["answers"])
-            for q, r in zip(questions, asked)]
+    hits = [holds_an_answer(r.passages, q["answers"]) for q, r in zip(questions, asked)]
     everything = asked + replies
     return {"hit_rate": round(sum(hits) / len(hits), 4), "hits": sum(hits),
             "reading_rate": round(sum(h and ok for h, ok in zip(hits, right)) / max(1, sum(hits)), 4),

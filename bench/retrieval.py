@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -29,11 +28,10 @@ import newgpt  # noqa: E402
 import retrieval  # noqa: E402
 from data import HOLDOUT_FILES  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from chat_quality import holds_an_answer  # noqa: E402
+
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
-
-
-def words(text):
-    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
 def measure(index, questions, k, tokenizer):
@@ -43,7 +41,7 @@ def measure(index, questions, k, tokenizer):
         passages = index.search(q["question"], k)
         seconds.append(time.perf_counter() - started)
         text = retrieval.format_passages(passages)
-        hits += any(words(answer) in words(text) for answer in q["answers"])
+        hits += holds_an_answer(text, q["answers"])
         tokens.append(len(tokenizer.encode(text).ids))
     seconds.sort()
     return {"hits": hits, "tokens_median": statistics.median(tokens), "tokens_max": max(tokens),
