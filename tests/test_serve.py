@@ -353,11 +353,17 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
 # ---- the parts without a server
 
 
-def test_sources_come_in_an_extension_field_and_a_request_can_switch_retrieval_off(tokenizer, knowledge, tmp_path):
+@pytest.fixture
+def wide_window_checkpoint(tokenizer, tmp_path):
+    """Random weights with a 256-token window: room for passages, which a 32-token tiny run has not."""
     model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
                                         n_embd=16))
-    write_checkpoint(model, tokenizer, tmp_path / "ckpt")  # a window with room for passages
-    with running_server(tmp_path / "ckpt", "--knowledge", knowledge) as url:
+    write_checkpoint(model, tokenizer, tmp_path / "wide")
+    return tmp_path / "wide"
+
+
+def test_sources_come_in_an_extension_field_and_retrieval_can_be_switched_off(wide_window_checkpoint, knowledge):
+    with running_server(wide_window_checkpoint, "--knowledge", knowledge) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": "What is the capital of Genovia?"}]
         answer = client.chat.completions.create(model="tinygpt", messages=messages)
@@ -442,12 +448,9 @@ def launch_chromium(playwright):
         "--no-first-run"])
 
 
-def test_the_chat_page_shows_sources_and_can_switch_retrieval_off(tokenizer, knowledge, tmp_path):
+def test_the_chat_page_shows_sources_and_can_switch_retrieval_off(wide_window_checkpoint, knowledge):
     from playwright.sync_api import expect, sync_playwright
-    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
-                                        n_embd=16))
-    write_checkpoint(model, tokenizer, tmp_path / "ckpt")
-    with running_server(tmp_path / "ckpt", "--knowledge", knowledge) as url, sync_playwright() as p:
+    with running_server(wide_window_checkpoint, "--knowledge", knowledge) as url, sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page()
         page.goto(url)
