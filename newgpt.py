@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import io
 import math
 import re
 import shutil
@@ -49,10 +50,11 @@ import torch.nn.functional as F
 from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
                   load_or_build_texts, read_holdout, split_weight)
 from retrieval import add_passages
-from runtime import (RELEASE_DIR, Progress, StopRequest, UserError, atomic_write, barrier, check_out_dir,
-                     checkpoint_file, checkpoint_paths, format_minutes, keep_freed_memory, latest_checkpoint,
-                     max_over_ranks, plot_metrics, rank_zero_print, read_checkpoint, resume_checkpoint,
-                     setup_distributed, write_metrics, write_release)
+from runtime import (Progress, RELEASE_DIR, StopRequest, UserError, atomic_write, barrier, check_out_dir,
+                     checkpoint_paths, find_checkpoint, format_minutes, keep_freed_memory, latest_checkpoint,
+                     max_over_ranks, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
+                     remove_stale_temp_files, resume_checkpoint, rng_state, set_rng_state, setup_distributed,
+                     why_unwritable, write_metrics, write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -508,7 +510,9 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
             return cached["ids"], cached["mask"]
     ids, mask = tokenize_to_arrays(tokenizer, conversations)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: np.savez(tmp, ids=ids, mask=mask))
+    buffer = io.BytesIO()  # np.savez given a file name would add .npz to the temp file's
+    np.savez(buffer, ids=ids, mask=mask)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
     return ids, mask
 
 
@@ -555,10 +559,14 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
     return rows
 
 
+def tokenizer_name(texts, vocab_size):
+    return f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+
+
 def prepare_tokenizer(texts, vocab_size, out_dir):
     """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
     another run's checkpoints keep their own tokenizer."""
-    path = Path(out_dir) / f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+    path = Path(out_dir) / tokenizer_name(texts, vocab_size)
     if not path.is_file():
         chat = [t["content"] for c in texts["train"] for t in c["turns"]]
         knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
@@ -566,6 +574,22 @@ def prepare_tokenizer(texts, vocab_size, out_dir):
         every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
         tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
         atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
+    return path
+
+
+def checkpoint_tokenizer(texts, vocab_size, out_dir, folder, info):
+    """The tokenizer a checkpoint in `folder` was trained with, in out_dir: copied from beside it or, if it was
+    deleted, trained again from the same texts (BPE training is deterministic) when that gives the same file."""
+    path, beside = out_dir / info["file"], folder / info["file"]
+    if not path.is_file() and beside.is_file():
+        atomic_write(path, lambda tmp: shutil.copyfile(beside, tmp))
+    if not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
+        prepare_tokenizer(texts, vocab_size, out_dir)
+    if not path.is_file():
+        raise UserError(f"{beside}, the tokenizer the checkpoint was trained with, is missing: copy it back")
+    if file_sha256(path) != info["sha256"]:
+        raise UserError(f"{path} is not the tokenizer the checkpoint was trained with: put back the one it was "
+                        f"saved with, or start a new run in another --out_dir")
     return path
 
 
@@ -601,9 +625,7 @@ def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
     if resumed_tokenizer is None:
         tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
     else:
-        tokenizer_path = out_dir / resumed_tokenizer.name
-        if not tokenizer_path.is_file():
-            atomic_write(tokenizer_path, lambda tmp: shutil.copyfile(resumed_tokenizer, tmp))
+        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, *resumed_tokenizer)
         tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
@@ -847,20 +869,6 @@ def evaluate(model, val_rows, byte_lengths, cfg, ctx, device):
 # Checkpoints: everything --resume needs to continue exactly, and everything chat needs to rebuild the model
 
 
-def rng_state():
-    """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def checkpoint_state(model, optimizers, scaler, cfg, data, step, **progress):
     """The model and optimizer state, both configs, the tokenizer's name and hash, the data's hash and the
     RNG. progress: val_loss and val_bpb (the newest evaluation), elapsed_s (the time spent, for a budgeted
@@ -872,10 +880,17 @@ def checkpoint_state(model, optimizers, scaler, cfg, data, step, **progress):
 
 
 def save_checkpoint(state, out_dir, keep_last):
-    """Written atomically, then out_dir/latest points at it; only the keep_last newest are kept."""
+    """Written atomically, then out_dir/latest points at it; only the keep_last newest are kept. A save that
+    fails (a full disk, a folder made read-only) stops the run in one line, the checkpoints before it intact."""
     path = Path(out_dir) / f"gpt_step{state['step']:04d}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    atomic_write(Path(out_dir) / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(Path(out_dir) / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        previous = latest_checkpoint(out_dir)
+        raise UserError(f"could not save {path}: {why_unwritable(out_dir, e)}; "
+                        + (f"{previous} is intact: make room and continue with --resume" if previous else
+                           "no checkpoint was saved"))
     for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -895,8 +910,7 @@ def load_checkpoint(path, device="cpu"):
     """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir,
     checking that the tokenizer next to it is the one it was trained with. Weights stored in bf16 (a
     release) load into the fp32 model."""
-    path = checkpoint_file(path)
-    ckpt = read_checkpoint(path, device)
+    path, ckpt = find_checkpoint(path, device)
     try:
         model_config = model_config_from(ckpt["model_config"])
     except UserError as e:
@@ -919,8 +933,9 @@ def load_checkpoint(path, device="cpu"):
 
 
 def default_checkpoint(out_dir="ckpt"):
-    """What chat loads when not told: the newest checkpoint trained into out_dir, else the release model."""
-    found = latest_checkpoint(out_dir) or latest_checkpoint(RELEASE_DIR)
+    """What chat loads when not told: the run trained into out_dir, else the release model (a folder, whose
+    newest intact checkpoint load_checkpoint takes)."""
+    found = next((folder for folder in (Path(out_dir), RELEASE_DIR) if latest_checkpoint(folder)), None)
     if found:
         return found
     raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/: python newgpt.py trains one")
@@ -928,7 +943,7 @@ def default_checkpoint(out_dir="ckpt"):
 
 def make_release(source, out_dir):
     """Make the newest checkpoint of a run (or a checkpoint file) the release model in out_dir."""
-    path = checkpoint_file(source)
+    path, _ = find_checkpoint(source)
     _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
     return write_release(path, ckpt, out_dir)
 
@@ -987,8 +1002,10 @@ def start_run(cfg, model_config, size_note):
     ckpt = read_checkpoint(Path(cfg.resume)) if cfg.resume else None
     init = read_checkpoint(Path(cfg.init_from)) if cfg.init_from and not ckpt else None  # a fine-tune's start
     source, source_path = (ckpt, cfg.resume) if ckpt else (init, cfg.init_from)
-    resumed_tokenizer = Path(source_path).parent / source["tokenizer"]["file"] if source else None
+    resumed_tokenizer = (Path(source_path).parent, source["tokenizer"]) if source else None
     log = rank_zero_print(rank)
+    if rank == 0 and Path(cfg.out_dir).is_dir() and (stale := remove_stale_temp_files(cfg.out_dir)):
+        log(f"removed {len(stale)} temp file(s) that a killed run left behind: {', '.join(stale[:3])}")
     data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed_tokenizer)
     if ckpt is not None and ckpt["texts_sha256"] != data.texts["sha256"]:
         raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
@@ -1182,19 +1199,6 @@ def finish_run(run, saved, interrupted, step, budget):
 # Command line: every GPTConfig and TrainConfig field is a flag of the same name
 
 
-def non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}")
-        if not value >= 0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def field_default(f):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
@@ -1248,8 +1252,8 @@ def configs_from_args(args):
                                           if name not in ("resume", "out_dir")}
         given = {name: value for name, value in given.items() if name not in ckpt["model_config"]}
     elif args.init_from:  # a fine-tune keeps the architecture of the model it starts from
-        given["init_from"] = str(checkpoint_file(args.init_from))
-        resumed = read_checkpoint(Path(given["init_from"]))["model_config"]
+        path, init = find_checkpoint(args.init_from)
+        given["init_from"], resumed = str(path), init["model_config"]
         given = {name: value for name, value in given.items() if name not in resumed}
     device_type = pick_device(given.get("device", "auto")).split(":")[0]
     max_minutes = given.get("max_minutes", resumed.get("max_minutes", 0.0))
@@ -1289,6 +1293,9 @@ def main(argv=None):
         return train(train_config, model_config, note)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a lost folder while writing data or logs: no checkpoint is at risk
+        print(f"error: {e.filename or 'a file'}: {why_unwritable(Path(e.filename or '.').parent, e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)

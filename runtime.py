@@ -5,7 +5,10 @@ release model's file, data-parallel processes (torchrun), Ctrl-C, the progress b
 Nothing here knows the model: newgpt.py imports this module, never the other way round.
 """
 
+import contextlib
+import argparse
 import ctypes
+import errno
 import json
 import math
 import os
@@ -25,17 +28,72 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
 
 
+def temp_path(path):
+    """Where a file is written before it is renamed into place: hidden, and named so that no pattern of
+    real files (gpt_step*.pt, *.pt, *.json) matches it; the writer's pid says whether it is stale."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename the temp file over `path`: a kill mid-write never leaves a
     half-written file under the real name, and never damages the previous version."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}{path.suffix}")
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder may have become unwritable: the first error is the one to tell
+            tmp.unlink(missing_ok=True)
+
+
+# A temp file of atomic_write: ".NAME.PID.tmp", or "NAME.tmpPID.SUFFIX" as earlier versions wrote it.
+TEMP_NAMES = (re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp"), re.compile(r"(?P<name>.+)\.tmp(?P<pid>\d+)(\.\w+)?"))
+
+
+def is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except OverflowError:  # not a pid at all
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temp files that a killed writer left in folder (and below it); returns their names."""
+    stale = []
+    for path in Path(folder).rglob("*tmp*"):
+        match = next((m for m in (p.fullmatch(path.name) for p in TEMP_NAMES) if m), None)
+        if match and path.is_file() and not is_running(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            stale.append(path.name)
+    return stale
+
+
+def why_unwritable(folder, error):
+    """Why a file could not be written into folder, in words a user can act on. torch.save's own errors
+    carry no errno, so the folder, the disk and the file size limit are looked at."""
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EFBIG: "the file size limit is reached (ulimit -f)", errno.EROFS: "the file system is read-only",
+               errno.EACCES: f"{folder} is not writable", errno.EPERM: f"{folder} is not writable"}
+    if getattr(error, "errno", None) in reasons:
+        return reasons[error.errno]
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    if shutil.disk_usage(folder).free < 2 ** 20:
+        return "the disk is full"
+    try:
+        import resource
+        if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            return "the file size limit is reached (ulimit -f)"
+    except ImportError:  # Windows
+        pass
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
 def keep_freed_memory():
@@ -53,6 +111,20 @@ def keep_freed_memory():
         pass
 
 
+def non_negative(kind):
+    """An argparse type: a number of this kind, at least 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}")
+        if not value >= 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint files (what is inside them, and load_checkpoint, are in newgpt.py)
 
@@ -62,19 +134,37 @@ RELEASE_DIR = Path(__file__).resolve().parent / "ckpt" / "release"
 RELEASE_FILE = "tinygpt.pt"
 
 
+CHECKPOINT_NAME = re.compile(r"gpt_step(\d+)\.pt")
+
+
 def checkpoint_paths(out_dir):
-    return sorted(Path(out_dir).glob("gpt_step*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    """A run's checkpoints, oldest first. Only the exact name counts: a temp file or a copy never does."""
+    found = [p for p in Path(out_dir).glob("gpt_step*.pt") if CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name)[1]))
+
+
+def pointed_checkpoint(out_dir):
+    """The checkpoint file that out_dir/latest names, or None where it is missing, damaged or stale."""
+    try:
+        name = (Path(out_dir) / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    named = Path(out_dir) / name
+    is_ours = CHECKPOINT_NAME.fullmatch(name) or name == RELEASE_FILE
+    return named if is_ours and named.is_file() else None
+
+
+def checkpoint_candidates(out_dir):
+    """A folder's checkpoints, newest first: by step, then the file `latest` names (a release's tinygpt.pt)."""
+    release = Path(out_dir) / RELEASE_FILE
+    found = [*reversed(checkpoint_paths(out_dir)), pointed_checkpoint(out_dir), release if release.is_file() else None]
+    return list(dict.fromkeys(p for p in found if p is not None))
 
 
 def latest_checkpoint(out_dir):
-    """The checkpoint named by out_dir/latest, or else the highest-numbered gpt_step*.pt."""
-    pointer = Path(out_dir) / "latest"
-    if pointer.is_file():
-        named = Path(out_dir) / pointer.read_text().strip()
-        if named.is_file():
-            return named
-    found = checkpoint_paths(out_dir)
-    return found[-1] if found else None
+    """The newest checkpoint in out_dir (see checkpoint_candidates), or None."""
+    found = checkpoint_candidates(out_dir)
+    return found[0] if found else None
 
 
 def why_unreadable(path, error):
@@ -90,19 +180,6 @@ def why_unreadable(path, error):
         return ("holds Python objects that safe loading (weights_only=True) refuses: it is not a TinyGPT "
                 "checkpoint")
     return f"is truncated or damaged ({size:,} bytes; was it copied or saved completely?)"
-
-
-def checkpoint_file(path):
-    """A checkpoint file as given, or the newest one in a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
-        path = found
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
 
 
 def try_read_checkpoint(path, device="cpu"):
@@ -127,30 +204,51 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def find_checkpoint(path, device="cpu"):
+    """(file, checkpoint dict) for a checkpoint file, or the newest intact checkpoint in a run folder. A
+    damaged newer one (a kill mid-copy, a full disk) is passed over with a line on stderr, and left on disk."""
+    path = Path(path)
+    if path.is_file():
+        return path, read_checkpoint(path, device)
+    if not path.is_dir():
+        raise UserError(f"checkpoint not found: {path}")
+    damaged = []
+    for candidate in checkpoint_candidates(path):
+        ckpt, problem = try_read_checkpoint(candidate, device)
+        if ckpt is not None:
+            if damaged:
+                print(f"passing over {'; '.join(damaged)}: using {candidate.name}, the newest intact checkpoint",
+                      file=sys.stderr)
+            return candidate, ckpt
+        damaged.append(f"{candidate.name} {problem}")
+    if damaged:
+        raise UserError(f"no intact checkpoint in {path}/: {'; '.join(damaged)}")
+    raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
+
+
+def rng_state():
+    """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def resume_checkpoint(out_dir, resume):
     """(path, checkpoint dict) to continue from: the file given, or with 'latest' the newest intact
-    checkpoint in out_dir. A damaged newer one (a crash mid-copy, a full disk) is passed over, and a line
-    says so; it stays on disk."""
-    if resume != "latest":
-        path = checkpoint_file(resume)
-        ckpt = read_checkpoint(path)
-    else:
-        newest = latest_checkpoint(out_dir)
-        if newest is None:
-            raise UserError(f"--resume: no checkpoint in {out_dir}/ to resume from")
-        candidates = [newest] + [p for p in reversed(checkpoint_paths(out_dir)) if p != newest]
-        damaged = []
-        for path in candidates:
-            ckpt, problem = try_read_checkpoint(path)
-            if ckpt is not None:
-                break
-            damaged.append(f"{path.name} {problem}")
-        else:
-            raise UserError(f"--resume: no intact checkpoint in {out_dir}/: {'; '.join(damaged)}")
-        if damaged:
-            print(f"resume: passing over {'; '.join(damaged)}; resuming from {path.name}, the newest intact one")
+    checkpoint in out_dir."""
+    if resume == "latest" and not checkpoint_candidates(out_dir):
+        raise UserError(f"--resume: no checkpoint in {out_dir}/ to resume from")
+    path, ckpt = find_checkpoint(out_dir if resume == "latest" else resume)
     if "optimizers" not in ckpt:
-        raise UserError(f"--resume: {path} holds weights only (a release model): it cannot be resumed")
+        raise UserError(f"--resume: {path} holds weights only (a release model): it cannot be resumed; "
+                        f"fine-tune it with --init_from {path} --out_dir NEW_DIR")
     return path, ckpt
 
 

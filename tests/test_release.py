@@ -50,9 +50,10 @@ def test_chat_falls_back_to_the_release_only_when_nothing_is_trained(trained_run
     with pytest.raises(UserError, match="no checkpoint in .* and no release model"):
         newgpt.default_checkpoint(tmp_path / "ckpt")
     newgpt.make_release(trained_run, release)
-    assert newgpt.default_checkpoint(tmp_path / "ckpt") == release / RELEASE_FILE
+    assert newgpt.default_checkpoint(tmp_path / "ckpt") == release
+    assert newgpt.load_checkpoint(release)[2]["step"] == 4
     trained = copy_run(trained_run, tmp_path / "ckpt")
-    assert newgpt.default_checkpoint(trained) == latest_checkpoint(trained)
+    assert newgpt.default_checkpoint(trained) == trained, "a trained run wins over the release"
 
 
 @pytest.mark.slow

@@ -239,8 +239,10 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_and_says_so(tmp_path, tr
     (run / "gpt_step0004.pt").write_bytes(damaged)
     assert train_in_process("--out_dir", run, "--resume", "--max_steps", "5", "--save_interval", "100") == 0, \
         capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "passing over gpt_step0004.pt is truncated or damaged" in out and "resuming from gpt_step0002.pt" in out
+    captured = capsys.readouterr()
+    assert "passing over gpt_step0004.pt is truncated or damaged" in captured.err, captured.err
+    assert "using gpt_step0002.pt, the newest intact checkpoint" in captured.err
+    assert "resuming from" in captured.out and "gpt_step0002.pt at step 2" in captured.out
     assert newgpt.load_checkpoint(run / "gpt_step0005.pt")[2]["step"] == 5, "continued from step 2"
     assert (run / "gpt_step0004.pt").read_bytes() == damaged, "the damaged file is left for the user to inspect"
 
