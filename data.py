@@ -487,6 +487,13 @@ def npy_bytes(values, dtype):
     return buffer.getvalue()
 
 
+def npz_bytes(**arrays):
+    """np.savez's file as bytes: given a file name, np.savez would add .npz to an atomic write's temp name."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def write_stream_shards(spec, render, dtype, holdout, val, max_tokens, folder):
     """Stream a dataset into token shards of STREAM_SHARD_TOKENS (ids and target mask, .npy each), keeping
     out evaluation prompts and validation messages as for local sources, up to max_tokens. render turns

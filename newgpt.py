@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import functools
 import hashlib
-import io
 import math
 import re
 import shutil
@@ -48,13 +47,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
-                  load_or_build_texts, read_holdout, split_weight)
+                  load_or_build_texts, npz_bytes, read_holdout, split_weight)
 from retrieval import add_passages
 from runtime import (Progress, RELEASE_DIR, StopRequest, UserError, atomic_write, barrier, check_out_dir,
                      checkpoint_paths, find_checkpoint, format_minutes, keep_freed_memory, latest_checkpoint,
                      max_over_ranks, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
                      remove_stale_temp_files, resume_checkpoint, rng_state, set_rng_state, setup_distributed,
-                     why_unwritable, write_metrics, write_release)
+                     what_is_intact, why_unwritable, write_metrics, write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -510,9 +509,7 @@ def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, spli
             return cached["ids"], cached["mask"]
     ids, mask = tokenize_to_arrays(tokenizer, conversations)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()  # np.savez given a file name would add .npz to the temp file's
-    np.savez(buffer, ids=ids, mask=mask)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(npz_bytes(ids=ids, mask=mask)))
     return ids, mask
 
 
@@ -583,13 +580,11 @@ def checkpoint_tokenizer(texts, vocab_size, out_dir, folder, info):
     path, beside = out_dir / info["file"], folder / info["file"]
     if not path.is_file() and beside.is_file():
         atomic_write(path, lambda tmp: shutil.copyfile(beside, tmp))
-    if not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
+    elif not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
         prepare_tokenizer(texts, vocab_size, out_dir)
-    if not path.is_file():
-        raise UserError(f"{beside}, the tokenizer the checkpoint was trained with, is missing: copy it back")
-    if file_sha256(path) != info["sha256"]:
-        raise UserError(f"{path} is not the tokenizer the checkpoint was trained with: put back the one it was "
-                        f"saved with, or start a new run in another --out_dir")
+    if not path.is_file() or file_sha256(path) != info["sha256"]:
+        raise UserError(f"{path}: the tokenizer the checkpoint {folder}/ was trained with is missing or changed; "
+                        f"copy it back from where the checkpoint came from")
     return path
 
 
@@ -887,10 +882,7 @@ def save_checkpoint(state, out_dir, keep_last):
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         atomic_write(Path(out_dir) / "latest", lambda tmp: tmp.write_text(path.name + "\n"))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        previous = latest_checkpoint(out_dir)
-        raise UserError(f"could not save {path}: {why_unwritable(out_dir, e)}; "
-                        + (f"{previous} is intact: make room and continue with --resume" if previous else
-                           "no checkpoint was saved"))
+        raise UserError(f"could not save {path}: {why_unwritable(out_dir, e)}; {what_is_intact(out_dir)}")
     for old in checkpoint_paths(out_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -1294,8 +1286,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk or a lost folder while writing data or logs: no checkpoint is at risk
-        print(f"error: {e.filename or 'a file'}: {why_unwritable(Path(e.filename or '.').parent, e)}", file=sys.stderr)
+    except OSError as e:  # a full disk or a folder made read-only while writing data or logs
+        print(f"error: could not write {e.filename}: {why_unwritable(Path(e.filename or '.').parent, e)}; "
+              f"the checkpoints saved before are intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)

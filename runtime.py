@@ -167,6 +167,12 @@ def latest_checkpoint(out_dir):
     return found[0] if found else None
 
 
+def what_is_intact(out_dir):
+    """What a failed save leaves a user, in words."""
+    previous = latest_checkpoint(out_dir)
+    return f"{previous} is intact: make room and continue with --resume" if previous else "no checkpoint was saved"
+
+
 def why_unreadable(path, error):
     """What is wrong with a file torch.load could not read, in words a user can act on."""
     size = path.stat().st_size

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import queue
 import secrets
 import socket
@@ -330,6 +331,15 @@ def log_failure(request, error):
           flush=True)
 
 
+def resident_mb():
+    """The server's resident memory in MB, for /health (Linux; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+
+
 def completion_id():
     return f"chatcmpl-{secrets.token_hex(12)}"
 
@@ -407,7 +417,8 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         sampling = dataclasses.asdict(defaults) | {"max_tokens": defaults.max_new_tokens}
         knowledge = {"passages": chat.index.n_passages} if chat.index else None
         return {"status": "ok", "model": model_id, "generating": worker.busy, "waiting": worker.jobs.qsize(),
-                "cancelled": worker.cancelled, "sampling": sampling, "knowledge": knowledge}
+                "cancelled": worker.cancelled, "threads": threading.active_count(), "memory_mb": resident_mb(),
+                "sampling": sampling, "knowledge": knowledge}
 
     @app.get("/v1/models")
     async def models(request: Request):
