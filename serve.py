@@ -30,6 +30,7 @@ import json
 import os
 import queue
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -260,6 +261,7 @@ class Worker:
     def __init__(self, chat, limits):
         self.chat, self.limits, self.jobs = chat, limits, queue.Queue()
         self.busy, self.cancelled = False, 0  # cancelled: generations whose client left, or hit a stop sequence
+        self.current, self.stopping = None, False
         threading.Thread(target=self.run, daemon=True, name="generation").start()
 
     def submit(self, job):
@@ -267,13 +269,26 @@ class Worker:
             raise ApiError(503, "the server is busy; try again shortly", kind="server_error", code="busy")
         self.jobs.put(job)
 
+    def stop_all(self):
+        """The server is stopping: the answer being generated ends at its next token, and the waiting
+        requests get a 503, so that every client gets a whole response before the connections close."""
+        self.stopping = True
+        for job in [self.current, *list(self.jobs.queue)]:
+            if job is not None:
+                job.cancelled.set()
+
     def run(self):
         while True:
             job = self.jobs.get()
             if job.cancelled.is_set():
-                self.cancelled += 1  # its client left while it waited
+                self.cancelled += 1  # its client left while it waited, or the server is stopping
+                if self.stopping:
+                    job.loop.call_soon_threadsafe(job.out.put_nowait, ApiError(
+                        503, "the server is shutting down", kind="server_error", code="shutting_down"))
                 continue
-            self.busy = True
+            self.busy, self.current = True, job
+            if self.stopping:  # stop_all ran just as this job was taken
+                job.cancelled.set()
             try:
                 result = self.generate(job)
             except UserError as e:  # e.g. a system prompt that leaves no room in the window
@@ -281,7 +296,7 @@ class Worker:
             except Exception as e:  # noqa: BLE001  anything else still answers, and the worker lives on
                 result = ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
             job.loop.call_soon_threadsafe(job.out.put_nowait, result)
 
     def generate(self, job):
@@ -514,6 +529,7 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
                 "model": model_id, "choices": [choice], "usage": usage_of(finished), "sources": finished.sources}
 
+    app.state.worker = worker
     return app
 
 
@@ -533,6 +549,19 @@ def listen(host, port):
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     return sock
+
+
+class Server(uvicorn.Server):
+    """uvicorn, which on Ctrl-C or SIGTERM first ends the answers in flight (at their next token), so that no
+    client is cut off mid-stream when the grace period ends."""
+
+    def __init__(self, config, worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame):
+        self.worker.stop_all()
+        super().handle_exit(sig, frame)
 
 
 def model_name(path, ckpt):
@@ -560,21 +589,28 @@ def build_parser():
 
 
 def main(argv=None):
-    """Listen, load the model, and serve until Ctrl-C."""
+    """Listen, load the model, and serve until Ctrl-C or SIGTERM."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server as Ctrl-C does
     try:
         sock = listen(args.host, args.port)
         chat, path, ckpt = load_chat(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     model_id = model_name(path, ckpt)
     where = "loopback only: other machines cannot connect; --host 0.0.0.0 opens it to the network" \
         if args.host in LOOPBACK else f"open to the network on {args.host}" + ("" if args.api_key else ", with no --api_key")
     print(f"serving {model_id} on http://{args.host}:{sock.getsockname()[1]} ({where}); Ctrl-C stops", flush=True)
     app = create_app(chat, model_id, chat.sampling, args.api_key)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        Server(config, app.state.worker).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn, having shut down, raises the signal that stopped it again
+        pass
+    print("stopped", flush=True)
     return 0
 
 

@@ -104,7 +104,7 @@ def is_one_clean_line(status, err):
 
 def kill_at_random(run, newest):
     process = run.start(newest + 30)
-    time.sleep(run.rng.uniform(0.5, 6.0))  # from the imports, through data and model set-up, into training
+    time.sleep(run.rng.uniform(0.3, 3.5))  # from the imports, through data and model set-up, into training
     process.send_signal(signal.SIGKILL)
     run.finish(process)
     return None, ()
