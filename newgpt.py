@@ -610,8 +610,8 @@ class PreparedData:
 
 
 def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
-    """train_texts.json, the tokenizer (trained, or a resumed checkpoint's, copied into out_dir) and the
-    token caches, each reused when already on disk. Returns (PreparedData, "built" or "reused")."""
+    """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed, given as (folder, tokenizer
+    info)) and the token caches, each reused when on disk. Returns (PreparedData, "built" or "reused")."""
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
                                       holdout_files=cfg.holdout, seed=cfg.seed)
     texts, how = load_or_build_texts(cfg, teach_reading)

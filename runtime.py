@@ -44,12 +44,13 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(OSError):  # the folder may have become unwritable: the first error is the one to tell
+        with contextlib.suppress(OSError):  # the folder may have become unwritable: the first error tells why
             tmp.unlink(missing_ok=True)
 
 
 # A temp file of atomic_write: ".NAME.PID.tmp", or "NAME.tmpPID.SUFFIX" as earlier versions wrote it.
-TEMP_NAMES = (re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp"), re.compile(r"(?P<name>.+)\.tmp(?P<pid>\d+)(\.\w+)?"))
+TEMP_NAMES = (re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp"),
+              re.compile(r"(?P<name>.+)\.tmp(?P<pid>\d+)(\.\w+)?"))
 
 
 def is_running(pid):
@@ -79,7 +80,8 @@ def why_unwritable(folder, error):
     """Why a file could not be written into folder, in words a user can act on. torch.save's own errors
     carry no errno, so the folder, the disk and the file size limit are looked at."""
     reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EFBIG: "the file size limit is reached (ulimit -f)", errno.EROFS: "the file system is read-only",
+               errno.EFBIG: "the file size limit is reached (ulimit -f)",
+               errno.EROFS: "the file system is read-only",
                errno.EACCES: f"{folder} is not writable", errno.EPERM: f"{folder} is not writable"}
     if getattr(error, "errno", None) in reasons:
         return reasons[error.errno]
@@ -157,8 +159,8 @@ def pointed_checkpoint(out_dir):
 def checkpoint_candidates(out_dir):
     """A folder's checkpoints, newest first: by step, then the file `latest` names (a release's tinygpt.pt)."""
     release = Path(out_dir) / RELEASE_FILE
-    found = [*reversed(checkpoint_paths(out_dir)), pointed_checkpoint(out_dir), release if release.is_file() else None]
-    return list(dict.fromkeys(p for p in found if p is not None))
+    found = [*reversed(checkpoint_paths(out_dir)), pointed_checkpoint(out_dir), release]
+    return list(dict.fromkeys(p for p in found if p is not None and p.is_file()))
 
 
 def latest_checkpoint(out_dir):
@@ -170,7 +172,7 @@ def latest_checkpoint(out_dir):
 def what_is_intact(out_dir):
     """What a failed save leaves a user, in words."""
     previous = latest_checkpoint(out_dir)
-    return f"{previous} is intact: make room and continue with --resume" if previous else "no checkpoint was saved"
+    return f"{previous} is intact: make room and continue with --resume" if previous else "nothing was saved yet"
 
 
 def why_unreadable(path, error):

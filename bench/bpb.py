@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime import checkpoint_file  # noqa: E402
+from runtime import find_checkpoint  # noqa: E402
 import newgpt  # noqa: E402
 
 
@@ -30,8 +30,8 @@ def main():
     fields = {f.name for f in dataclasses.fields(newgpt.TrainConfig)}
     cfg = newgpt.TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
     cfg.eval_tokens = args.tokens
-    tokenizer_file = checkpoint_file(args.ckpt).parent / ckpt["tokenizer"]["file"]
-    data = newgpt.prepare_data(cfg, model.config.vocab_size, 0, 1, print, tokenizer_file)
+    folder = find_checkpoint(args.ckpt)[0].parent
+    data = newgpt.prepare_data(cfg, model.config.vocab_size, 0, 1, print, (folder, ckpt["tokenizer"]))
     _, _, val_rows = newgpt.packed_splits(data, model.config.block_size, cfg)
     (source, train_ids, train_mask), *_ = data.arrays["train"]
     pad = tokenizer.token_to_id("<|pad|>")

@@ -144,7 +144,7 @@ def fill_disk(run, newest):
     limit = checkpoint_paths(run.out_dir)[-1].stat().st_size // 2
     status, _, err = run.finish(run.start(newest + 5, file_size_limit=limit))
     if not (is_one_clean_line(status, err) and "could not save" in err):
-        raise AssertionError(f"a full disk did not end the run in one clear line (status {status}):\n{err[-2000:]}")
+        raise AssertionError(f"a full disk did not stop the run in one clear line ({status}):\n{err[-2000:]}")
     leftovers = [p.name for p in run.out_dir.iterdir() if p.name.endswith(".tmp")]
     if leftovers:
         raise Lost(f"the failed save left {leftovers}")
@@ -213,7 +213,7 @@ def table(outcomes):
 
 
 def die_in_save(n, argv):
-    """newgpt.py, whose nth torch.save writes half of its file, flushed to disk, and then SIGKILLs the process."""
+    """newgpt.py, whose nth torch.save writes half of its file, flushed to disk, then SIGKILLs the process."""
     import torch
     import newgpt
     real_save, calls = torch.save, []

@@ -48,7 +48,7 @@ def test_kill_9_at_random_and_inside_torch_save_then_every_checkpoint_fault_lose
     for fault, counts in outcomes.items():
         assert counts["lost"] == 0, f"after '{fault}': {counts['why']}\n{report}"
         assert counts["resumed"] == counts["injected"] >= 1, report
-    assert not [p for p in run.out_dir.iterdir() if p.name.endswith(".tmp")], "the last run removed the stale temp files"
+    assert not [p for p in run.out_dir.iterdir() if p.name.endswith(".tmp")], "stale temp files were removed"
     assert len(checkpoint_paths(run.out_dir)) == 3, "--keep_last 3 keeps three real checkpoints"
 
 
@@ -89,7 +89,8 @@ def test_a_missing_or_damaged_latest_still_finds_the_newest_checkpoint(tmp_path,
 # ---- damaged checkpoints, a release-only folder, a deleted tokenizer
 
 
-@pytest.mark.parametrize("damage", [lambda data: b"", lambda data: data[: len(data) // 3]], ids=["emptied", "truncated"])
+@pytest.mark.parametrize("damage", [lambda data: b"", lambda data: data[: len(data) // 3]],
+                         ids=["emptied", "truncated"])
 def test_the_chat_passes_over_a_damaged_newest_checkpoint_in_one_line(tmp_path, trained_run, damage, capsys):
     run = copy_run(trained_run, tmp_path / "run")
     newest = run / "gpt_step0004.pt"
@@ -166,10 +167,10 @@ def assert_nothing_half_written(run):
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_save_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, trained_run):
+def test_a_full_disk_during_a_save_stops_the_run_in_one_line_and_keeps_the_checkpoints(tmp_path, trained_run):
     import resource
     run = copy_run(trained_run, tmp_path / "run")
-    limit = (run / "gpt_step0004.pt").stat().st_size // 2  # files may grow to half a checkpoint: the next does not fit
+    limit = (run / "gpt_step0004.pt").stat().st_size // 2  # files may grow to half a checkpoint's size
 
     def full_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -193,7 +194,7 @@ def read_only(folder):
         return
     mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"root without the right to mount: a folder cannot be made read-only here ({mounted.stderr.strip()})")
+        pytest.skip(f"root without the right to mount cannot make a folder read-only ({mounted.stderr.strip()})")
     try:
         deadline = time.time() + 10
         while subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True).returncode:
