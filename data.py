@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_write
+from runtime import UserError, atomic_write, remove_stale_temp_files
 
 HF_DATASET = "OpenAssistant/oasst2"
 STREAM_SAMPLE_RECORDS = 2000  # records of each streamed source that the tokenizer also trains on
@@ -469,6 +469,7 @@ def load_or_build_texts(cfg, add_passages=None):
         texts = read_texts_file(path)
         if texts.get("build", options) == options:
             return texts, "reused"
+    remove_stale_temp_files(path.parent, of=path.name)  # a build killed while writing (it takes minutes)
     texts = build_texts(cfg)
     if cfg.knowledge:
         texts = add_passages(texts)

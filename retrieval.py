@@ -31,7 +31,7 @@ from pathlib import Path
 
 from data import (asks_a_holdout_question, is_streamed, make_conversation, question_words, read_holdout,
                   read_records, stream_records)
-from runtime import UserError, temp_path
+from runtime import UserError, remove_stale_temp_files, temp_path
 
 # Three passages of about 250 characters: as many bench answers as three of 400, in 30 fewer tokens of the
 # 512-token window, which the conversation needs too (bench/RESULTS.md, "Retrieval").
@@ -228,6 +228,7 @@ def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
         if path.exists() and log:
             log(f"knowledge: the index {path} is stale or damaged; rebuilding it")
         started = time.time()
+        remove_stale_temp_files(path.parent, of=path.name)  # an earlier build that was killed: 100s of MB
         tmp = temp_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

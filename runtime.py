@@ -65,12 +65,13 @@ def is_running(pid):
     return True
 
 
-def remove_stale_temp_files(folder):
-    """Delete the temp files that a killed writer left in folder (and below it); returns their names."""
+def remove_stale_temp_files(folder, of=None):
+    """Delete the temp files that a killed writer left in folder and below it, or only those of the file
+    named `of` in folder itself; returns their names."""
     stale = []
-    for path in Path(folder).rglob("*tmp*"):
+    for path in Path(folder).glob(f"*{of}*tmp*") if of else Path(folder).rglob("*tmp*"):
         match = next((m for m in (p.fullmatch(path.name) for p in TEMP_NAMES) if m), None)
-        if match and path.is_file() and not is_running(int(match["pid"])):
+        if match and of in (None, match["name"]) and path.is_file() and not is_running(int(match["pid"])):
             path.unlink(missing_ok=True)
             stale.append(path.name)
     return stale

@@ -20,8 +20,10 @@ import uvicorn
 
 import chat_with_model as chat
 import newgpt
+import retrieval
 import serve
 from conftest import REPO, copy_run, train_in_process
+from data import load_or_build_texts
 from runtime import RELEASE_FILE, UserError, checkpoint_paths, latest_checkpoint
 from test_serve import health, raw_request, running_server
 
@@ -71,6 +73,22 @@ def test_a_killed_saves_temp_file_is_never_taken_for_a_checkpoint_and_the_next_r
     assert resume(run) == 0, capsys.readouterr().err
     assert "removed 3 temp file(s) that a killed run left behind" in capsys.readouterr().out
     assert not any((run / name).exists() for name in stale) and live.exists()
+
+
+def test_a_killed_build_of_the_texts_or_the_index_leaves_no_temp_file(tmp_path, oasst_file, knowledge):
+    dead_pid = 2 ** 22 + 1
+    texts = tmp_path / "texts.json"
+    stale_texts = tmp_path / f".texts.json.{dead_pid}.tmp"
+    stale_texts.write_text('{"train": [')  # half of a texts file
+    args = newgpt.build_parser().parse_args(["--data", str(oasst_file), "--texts", str(texts)])
+    assert load_or_build_texts(newgpt.configs_from_args(args)[1])[1] == "built"
+    assert not stale_texts.exists()
+    index = retrieval.open_index(knowledge, log=None).path
+    index.unlink()
+    stale_index = index.with_name(f".{index.name}.{dead_pid}.tmp")
+    stale_index.write_bytes(b"SQLite format 3\0")
+    assert retrieval.open_index(knowledge, log=None).search("capital of Zembla", 1)
+    assert not stale_index.exists()
 
 
 @pytest.mark.parametrize("pointer", [None, b"\xff\xfe\x00garbage", b"gpt_step0009.pt\n", b"../../etc/passwd\n",
