@@ -53,6 +53,7 @@ class Run:
     out_dir: Path
     rng: random.Random
     log: list = field(default_factory=list)  # each process's command line and output, for a failure report
+    landed: Counter = field(default_factory=Counter)  # where the random kills landed
 
     def flags(self, max_steps):
         return ["--data", str(self.data), "--texts", str(self.out_dir.parent / "texts.json"), "--out_dir",
@@ -103,10 +104,12 @@ def is_one_clean_line(status, err):
 
 
 def kill_at_random(run, newest):
-    process = run.start(newest + 30)
-    time.sleep(run.rng.uniform(0.3, 3.5))  # from the imports, through data and model set-up, into training
+    process = run.start(newest + 300)
+    time.sleep(run.rng.uniform(0.3, 6.0))  # from the imports (about 4 s), through set-up, into training
     process.send_signal(signal.SIGKILL)
-    run.finish(process)
+    _, out, _ = run.finish(process)
+    in_save = any(p.name.endswith(".tmp") for p in run.out_dir.iterdir())
+    run.landed["inside a save" if in_save else "in training" if "training on" in out else "while starting"] += 1
     return None, ()
 
 
@@ -250,6 +253,7 @@ def main():
     started = time.time()
     outcomes, run = campaign(args.data, folder, args.rounds, args.seed)
     print(table(outcomes))
+    print("\nRandom kills landed: " + ", ".join(f"{n} {where}" for where, n in run.landed.most_common()))
     lost = {fault: counts["why"] for fault, counts in outcomes.items() if counts["lost"]}
     print(f"\n{args.rounds} rounds, seed {args.seed}, {time.time() - started:.0f} s"
           + "".join(f"\nLOST after '{fault}': {why}" for fault, why in lost.items()))
