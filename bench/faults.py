@@ -11,16 +11,22 @@ A round: the fault, then a check of the run folder (every file under a checkpoin
 intact step did not go back), then `--resume` for two more steps, which must start from that step and end
 well. Seeded: a failing round replays with the same --seed. tests/test_faults.py runs a few rounds of each.
 
+    python bench/faults.py --disconnects 100          # serve.py with the release model: clients that hang up
+
 Run as `faults.py --die_in_save N -- FLAGS`, this script is newgpt.py whose Nth torch.save writes half of
 its file and then SIGKILLs its own process: a kill that lands inside the save every time.
 """
 
 import argparse
+import contextlib
+import http.client
 import io
+import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,6 +218,82 @@ def table(outcomes):
 
 
 # -----------------------------------------------------------------------------
+# The server: clients that hang up mid-stream
+
+
+def get_json(url, path, body=None):
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection.request("POST" if body else "GET", path, json.dumps(body) if body else None,
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    answer = response.status, json.loads(response.read())
+    connection.close()
+    return answer
+
+
+def leave_mid_stream(url, body):
+    """Ask for a streamed answer, read its first generated piece, and hang up."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200, response.status
+    events = 0
+    while events < 2:  # the role chunk, then the first piece of text
+        events += response.readline().startswith(b"data: ")
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+
+
+def settled(url, timeout=60):
+    """/health once nothing is generating or waiting."""
+    deadline = time.time() + timeout
+    while (state := get_json(url, "/health")[1])["generating"] or state["waiting"]:
+        assert time.time() < deadline, f"the server did not settle: {state}"
+        time.sleep(0.1)
+    return state
+
+
+def endless_question(tokenizer):
+    """A streamed request whose answer only a hang-up ends: the end of turn is forbidden."""
+    return {"messages": [{"role": "user", "content": "Tell me about llamas."}], "stream": True, "max_tokens": 2048,
+            "logit_bias": {str(tokenizer.token_to_id("<|end|>")): -100}}
+
+
+def disconnects(url, body, n, warm_up=10):
+    """/health before and after n clients that hang up mid-stream (after warm_up more, which let the
+    allocator and the caches reach their working size), and the seconds the n took."""
+    for _ in range(warm_up):
+        leave_mid_stream(url, body)
+    before, started = settled(url), time.time()
+    for _ in range(n):
+        leave_mid_stream(url, body)
+    return before, settled(url), time.time() - started
+
+
+@contextlib.contextmanager
+def running_server(ckpt):
+    process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(ckpt), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield process.stdout.readline().split(" on ")[1].split()[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def server_row(ckpt, n):
+    import newgpt
+    with running_server(ckpt) as url:
+        before, after, seconds = disconnects(url, endless_question(newgpt.load_checkpoint(ckpt)[1]), n)
+        status, _ = get_json(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi!"}]})
+    keys = ("threads", "memory_mb", "waiting", "cancelled")
+    return (f"| clients hanging up mid-stream ({Path(ckpt).name}) | {n} in {seconds:.1f} s | "
+            + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in keys) + f" | next request: {status} |")
+
+
+# -----------------------------------------------------------------------------
 # The run that kills itself inside torch.save
 
 
@@ -245,7 +327,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="conversations in the OASST2 schema")
     parser.add_argument("--folder", default="runs/faults", help="where the run goes (emptied first)")
+    parser.add_argument("--disconnects", type=int, default=0, help="instead: this many clients that hang up")
+    parser.add_argument("--ckpt", default=str(REPO / "ckpt" / "release"), help="the server's, with --disconnects")
     args = parser.parse_args()
+    if args.disconnects:
+        print("| fault | injected | /health before -> after | then |\n|---|---|---|---|")
+        print(server_row(args.ckpt, args.disconnects))
+        return 0
     folder = Path(args.folder)
     if folder.exists():
         import shutil

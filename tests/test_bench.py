@@ -109,3 +109,12 @@ def test_vocab(trained_run):
 def test_sampling_sweep(trained_run, tmp_path):
     out = run_bench("sampling_sweep.py", trained_run, "--tiny", "--results", tmp_path / "sweep.jsonl")
     assert "chosen on the tuning half" in out and "test half" in out
+
+
+def test_faults(tmp_path, trained_run):
+    data = write_jsonl(tmp_path / "oasst.jsonl.gz", oasst_rows())
+    out = run_bench("faults.py", "--rounds", "2", "--seed", "5", "--data", data, "--folder", tmp_path / "runs")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| fault")]
+    assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out  # a row per fault, nothing lost
+    out = run_bench("faults.py", "--disconnects", "3", "--ckpt", trained_run)
+    assert "cancelled 10 -> 13" in out and "next request: 200" in out, out

@@ -4,7 +4,6 @@ holding only a release, a deleted tokenizer, a full disk and a read-only folder 
 whose clients vanish mid-stream, whose generation raises, and that is stopped with Ctrl-C or SIGTERM."""
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -242,46 +241,14 @@ def test_a_folder_made_read_only_during_the_run_stops_it_in_one_line_and_loses_n
 # ---- the server
 
 
-def end_of_turn_forbidden(trained_run):
-    """A logit_bias that keeps the tiny model from ending its answer, so that only a disconnect stops it."""
-    _, tokenizer, _ = newgpt.load_checkpoint(trained_run)
-    return {str(tokenizer.token_to_id("<|end|>")): -100}
-
-
-def leave_mid_stream(url, body):
-    """Ask for a streamed answer, read its first generated piece, and hang up."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200
-    events = 0
-    while events < 2:  # the role chunk, then the first piece of text
-        events += response.readline().startswith(b"data: ")
-    connection.sock.shutdown(socket.SHUT_RDWR)
-    connection.close()
-
-
-def settled(url, timeout=60):
-    """/health once nothing is generating or waiting."""
-    deadline = time.time() + timeout
-    while (state := health(url))["generating"] or state["waiting"]:
-        assert time.time() < deadline, f"the server did not settle: {state}"
-        time.sleep(0.1)
-    return state
+def endless_question(trained_run):
+    return faults.endless_question(newgpt.load_checkpoint(trained_run)[1])
 
 
 @pytest.mark.slow
 def test_a_hundred_clients_leaving_mid_stream_leak_no_thread_memory_or_queue_place(trained_run):
-    body = {"messages": [{"role": "user", "content": "one"}], "stream": True, "max_tokens": 2048,
-            "logit_bias": end_of_turn_forbidden(trained_run)}
     with running_server(trained_run) as url:
-        for _ in range(10):  # warm-up: the allocator and the caches reach their working size
-            leave_mid_stream(url, body)
-        before = settled(url)
-        for _ in range(100):
-            leave_mid_stream(url, body)
-        after = settled(url)
+        before, after, _ = faults.disconnects(url, endless_question(trained_run), 100)
         assert after["cancelled"] - before["cancelled"] == 100, "every generation stopped when its client left"
         assert after["threads"] == before["threads"], (before, after)
         assert after["memory_mb"] - before["memory_mb"] < 25, (before, after)
@@ -346,8 +313,7 @@ def test_ctrl_c_and_sigterm_stop_the_server_cleanly_mid_stream(trained_run, stop
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(trained_run), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = process.stdout.readline().split(" on ")[1].split()[0]
-    body = {"messages": [{"role": "user", "content": "one"}], "stream": True, "max_tokens": 2048,
-            "logit_bias": end_of_turn_forbidden(trained_run)}
+    body = endless_question(trained_run)
     answers = []
     reader = threading.Thread(target=lambda: answers.append(raw_request(url, "POST", "/v1/chat/completions",
                                                                         json.dumps(body).encode())), daemon=True)
