@@ -53,7 +53,7 @@ from runtime import (Progress, RELEASE_DIR, StopRequest, UserError, atomic_write
                      checkpoint_paths, find_checkpoint, format_minutes, keep_freed_memory, latest_checkpoint,
                      max_over_ranks, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
                      remove_stale_temp_files, resume_checkpoint, rng_state, set_rng_state, setup_distributed,
-                     what_is_intact, why_unwritable, write_metrics, write_release)
+                     what_is_intact, why_unwritable, write_failure, write_metrics, write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -583,8 +583,8 @@ def checkpoint_tokenizer(texts, vocab_size, out_dir, folder, info):
     elif not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
         prepare_tokenizer(texts, vocab_size, out_dir)
     if not path.is_file() or file_sha256(path) != info["sha256"]:
-        raise UserError(f"{path}: the tokenizer the checkpoint {folder}/ was trained with is missing or changed; "
-                        f"copy it back from where the checkpoint came from")
+        raise UserError(f"{path}, the tokenizer of the checkpoint in {folder}/, is missing or changed; copy it "
+                        f"back from where the checkpoint came from")
     return path
 
 
@@ -609,18 +609,21 @@ class PreparedData:
     arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
 
 
-def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
-    """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed, given as (folder, tokenizer
-    info)) and the token caches, each reused when on disk. Returns (PreparedData, "built" or "reused")."""
+def load_or_build_data(cfg, vocab_size, resumed):
+    """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
+    (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
                                       holdout_files=cfg.holdout, seed=cfg.seed)
     texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
-    if resumed_tokenizer is None:
+    if resumed is None:
         tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
+    elif cfg.resume and resumed[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
+        raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
+                        f"use the same --data and --texts to continue it")
     else:
-        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, *resumed_tokenizer)
+        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, resumed[0], resumed[1]["tokenizer"])
         tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
@@ -637,16 +640,16 @@ def load_or_build_data(cfg, vocab_size, resumed_tokenizer):
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 
-def prepare_data(cfg, vocab_size, rank, world_size, log, resumed_tokenizer=None):
+def prepare_data(cfg, vocab_size, rank, world_size, log, resumed=None):
     """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
     read what it wrote."""
     started = time.time()
     log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
     if rank == 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed_tokenizer)
+        data, how = load_or_build_data(cfg, vocab_size, resumed)
     barrier(world_size)
     if rank > 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed_tokenizer)
+        data, how = load_or_build_data(cfg, vocab_size, resumed)
     texts = data.texts
     n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
     train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
@@ -994,14 +997,11 @@ def start_run(cfg, model_config, size_note):
     ckpt = read_checkpoint(Path(cfg.resume)) if cfg.resume else None
     init = read_checkpoint(Path(cfg.init_from)) if cfg.init_from and not ckpt else None  # a fine-tune's start
     source, source_path = (ckpt, cfg.resume) if ckpt else (init, cfg.init_from)
-    resumed_tokenizer = (Path(source_path).parent, source["tokenizer"]) if source else None
+    resumed = (Path(source_path).parent, source) if source else None
     log = rank_zero_print(rank)
     if rank == 0 and Path(cfg.out_dir).is_dir() and (stale := remove_stale_temp_files(cfg.out_dir)):
         log(f"removed {len(stale)} temp file(s) that a killed run left behind: {', '.join(stale[:3])}")
-    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed_tokenizer)
-    if ckpt is not None and ckpt["texts_sha256"] != data.texts["sha256"]:
-        raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
-                        f"use the same --data and --texts to continue it")
+    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed)
     model_config.vocab_size = data.tokenizer.get_vocab_size()
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
@@ -1287,8 +1287,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a folder made read-only while writing data or logs
-        print(f"error: could not write {e.filename}: {why_unwritable(Path(e.filename or '.').parent, e)}; "
-              f"the checkpoints saved before are intact", file=sys.stderr)
+        print(f"error: {write_failure(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)

@@ -5,8 +5,8 @@ release model's file, data-parallel processes (torchrun), Ctrl-C, the progress b
 Nothing here knows the model: newgpt.py imports this module, never the other way round.
 """
 
-import contextlib
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -83,7 +83,8 @@ def why_unwritable(folder, error):
     reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                errno.EFBIG: "the file size limit is reached (ulimit -f)",
                errno.EROFS: "the file system is read-only",
-               errno.EACCES: f"{folder} is not writable", errno.EPERM: f"{folder} is not writable"}
+               errno.EACCES: f"{folder} is not writable", errno.EPERM: f"{folder} is not writable",
+               errno.ENOENT: f"{folder} no longer exists"}
     if getattr(error, "errno", None) in reasons:
         return reasons[error.errno]
     if not os.access(folder, os.W_OK):
@@ -97,6 +98,12 @@ def why_unwritable(folder, error):
     except ImportError:  # Windows
         pass
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def write_failure(error):
+    """An OSError met while writing data or logs, in one line."""
+    where = Path(error.filename or ".")
+    return f"could not write {where}: {why_unwritable(where.parent, error)}; the checkpoints saved before are intact"
 
 
 def keep_freed_memory():

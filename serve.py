@@ -15,8 +15,9 @@ schema, streamed as server-sent events with "stream": true), GET /v1/models and 
 The model is loaded once. Generation reuses the terminal chat's Chat (history truncation, sampling, UTF-8
 safe streaming) on one worker thread that takes requests in order of arrival: a small CPU has no spare
 cores for a second generation, so running two at once would only make both slower. A client that
-disconnects stops its generation at the next token. Bodies, message counts, max_tokens and the queue are
-bounded; every error is an OpenAI-style error object, never a 500 with a traceback.
+disconnects stops its generation at the next token; Ctrl-C or SIGTERM ends the answers in flight whole
+before the server exits. Bodies, message counts, max_tokens and the queue are bounded; every error is an
+OpenAI-style error object, never a 500 with a traceback.
 
 With --knowledge (as in the chat), each answer is looked up first: the response keeps OpenAI's shape and adds
 the passages in an extension field, "sources" (on the last chunk when streamed), which clients ignore; a
