@@ -61,6 +61,9 @@ class SamplingConfig:
     dry_allowed_length: int = field(default=2, metadata={"help": "DRY: the longest repeat left unpenalised"})
     no_repeat_ngram_size: int = field(default=0, metadata={
         "help": "never produce an n-gram of this many tokens that the context already holds (0: off)"})
+    context_weight: float = field(default=1.0, metadata={
+        "help": "with passages (--knowledge): sample from (1 + w) x the logits with them - w x the logits without, "
+                "so that what they say outweighs what the model believes (Shi et al. 2023; 0: off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
     seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
 
@@ -93,6 +96,8 @@ def check_sampling(config):
         problems.append("dry_allowed_length must be between 1 and 100")
     if not 0 <= config.no_repeat_ngram_size <= 100:
         problems.append("no_repeat_ngram_size must be between 0 and 100")
+    if not 0 <= config.context_weight <= 10:
+        problems.append("context_weight must be between 0 and 10")
     if not config.max_new_tokens >= 1:
         problems.append("max_new_tokens must be >= 1")
     if not 0 <= config.seed <= MAX_SEED:
@@ -208,36 +213,58 @@ def window_start(n_tokens, start, block_size):
     return start
 
 
+class Window:
+    """The tokens the model reads while it generates, and their KV cache: the context is prefilled once, then
+    each step feeds only the newest token. When the tokens outgrow the window it jumps (window_start) and the
+    cache is rebuilt; without a cache, each step re-runs the whole window. Both see the same context."""
+
+    def __init__(self, model, tokens, use_cache, ctx):
+        self.model, self.tokens, self.use_cache, self.ctx = model, list(tokens), use_cache, ctx
+        self.start, self.cache = 0, None
+        self.device = next(model.parameters()).device
+
+    def next_logits(self):
+        """The model's logits (vocab_size,) for the token after self.tokens."""
+        new_start = window_start(len(self.tokens), self.start, self.model.config.block_size)
+        if self.use_cache and self.cache is not None and new_start == self.start:
+            feed = self.tokens[-1:]  # everything before it is in the cache
+        else:
+            self.start, self.cache = new_start, KVCache(self.model.config) if self.use_cache else None
+            feed = self.tokens[self.start:]
+        with self.ctx or nullcontext():
+            logits, _ = self.model(torch.tensor([feed], device=self.device), kv_cache=self.cache)
+        return logits[0, -1]
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all, which no_grad still keeps: faster per token
 def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None, logit_bias=None,
-             copyable=(0, 0)):
+             passages=(0, 0)):
     """Yield (token id, the model's logits for it) one token at a time, until a stop id (yielded too) or
-    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. The repetition
-    penalties do not look at prompt positions copyable[0]:copyable[1] (the passages: copying from them is the
-    point). With use_cache, the context is prefilled once and each step feeds only the newest token; without
-    it, each step re-runs the whole context window. Both see exactly the same context, so they agree."""
+    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. prompt_ids
+    [passages[0]:passages[1]] is the passages' turn: the repetition penalties do not look at it (copying from
+    it is the point), and with config.context_weight w the token is drawn from (1 + w) * logits - w * logits
+    of the same conversation without the passages. That is context-aware decoding (Shi et al. 2023): what the
+    passages say outweighs what the model believes anyway, so that a small model reads instead of guessing."""
     device = next(model.parameters()).device
-    tokens, start, cache = list(prompt_ids), 0, None
+    read, (first, last) = Window(model, prompt_ids, use_cache, ctx), passages
+    unread = Window(model, prompt_ids[:first] + prompt_ids[last:], use_cache, ctx) \
+        if last > first and config.context_weight else None
     if logit_bias:
         bias_ids = torch.tensor(list(logit_bias), device=device)
         bias_values = torch.tensor(list(logit_bias.values()), device=device)
     for _ in range(config.max_new_tokens):
-        new_start = window_start(len(tokens), start, model.config.block_size)
-        if use_cache and cache is not None and new_start == start:
-            feed = tokens[-1:]  # everything before it is in the cache
-        else:
-            start, cache = new_start, KVCache(model.config) if use_cache else None
-            feed = tokens[start:]
-        with ctx or nullcontext():
-            logits, _ = model(torch.tensor([feed], device=device), kv_cache=cache)
-        row = logits[0, -1]
-        biased = row.index_add(0, bias_ids, bias_values) if logit_bias else row
-        seen = tokens[start:copyable[0]] + tokens[max(start, copyable[1]):] if copyable[1] > start else tokens[start:]
+        row = read.next_logits()
+        steered = row if unread is None else torch.lerp(unread.next_logits().float(), row.float(),
+                                                         1 + config.context_weight)
+        biased = steered.index_add(0, bias_ids, bias_values.to(steered.dtype)) if logit_bias else steered
+        tokens, start = read.tokens, read.start
+        seen = tokens[start:first] + tokens[max(start, last):] if last > start else tokens[start:]
         next_id = sample_next(biased, config, seen, tokens[len(prompt_ids):], generator)
         yield next_id, row
         if next_id in stop_ids:
             return
-        tokens.append(next_id)
+        for window in (read, unread) if unread else (read,):
+            window.tokens.append(next_id)
 
 
 class Utf8Stream:
@@ -331,13 +358,13 @@ class Chat:
         the caller stops early (Ctrl-C). on_token(token id, logits) sees each token before its piece."""
         stream, pieces = Utf8Stream(self.token_table), []
         self.last_answer_tokens = 0
-        copyable = (0, 0)  # where the passages are, so that copying from them is not penalised as repetition
+        passages = (0, 0)  # where the passages' turn is in the prompt
         if self.context_id in prompt_ids:
             start = prompt_ids.index(self.context_id)
-            copyable = (start, prompt_ids.index(self.end_id, start) + 1)
+            passages = (start, prompt_ids.index(self.end_id, start) + 1)
         try:
             for token_id, logits in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
-                                             ctx=self.ctx, logit_bias=logit_bias, copyable=copyable):
+                                             ctx=self.ctx, logit_bias=logit_bias, passages=passages):
                 if token_id == self.end_id:
                     break
                 self.last_answer_tokens += 1

@@ -141,7 +141,7 @@ def to_hf_model(model, ids):
 
 
 # The chat's sampling options that transformers' GenerationConfig has no equivalent for.
-NOT_IN_TRANSFORMERS = ("frequency_penalty", "presence_penalty", "dry_multiplier")
+NOT_IN_TRANSFORMERS = ("frequency_penalty", "presence_penalty", "dry_multiplier", "context_weight")
 
 
 def sampling_differences():

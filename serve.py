@@ -69,7 +69,7 @@ class Limits:
 # that names the parameter: a client is never answered as if a setting it sent had been applied.
 
 EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "repetition_window", "dry_multiplier", "dry_base",
-              "dry_allowed_length", "no_repeat_ngram_size")
+              "dry_allowed_length", "no_repeat_ngram_size", "context_weight")
 
 
 class Strict(BaseModel):
@@ -119,6 +119,7 @@ class ChatRequest(Strict):
     dry_base: float | None = None
     dry_allowed_length: int | None = None
     no_repeat_ngram_size: int | None = None
+    context_weight: float | None = None
     retrieval: bool | None = None  # extension: look things up first (default: on where the server has --knowledge)
 
 

@@ -1,6 +1,7 @@
 """retrieval.py and its uses: the index (built, cached, rebuilt), search, the passages block of the chat format,
 training conversations that read, the chat's lookups, and --init_from growing an older vocabulary."""
 
+import dataclasses
 import io
 import json
 import random
@@ -193,7 +194,7 @@ def test_passages_give_way_before_the_question_when_the_window_is_tight(knowledg
 
 
 def test_copying_from_passages_is_not_penalised_as_repetition():
-    """DRY sees the answer continue a sequence of the passages; with the span marked copyable it must not."""
+    """DRY sees the answer continue a sequence of the passages; with the span marked as passages it must not."""
     torch.manual_seed(0)
     model = newgpt.GPT(newgpt.GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=16)).eval()
     passage = [5, 6, 7, 8, 9, 10]
@@ -201,8 +202,35 @@ def test_copying_from_passages_is_not_penalised_as_repetition():
     config = chat.SamplingConfig(temperature=0.0, max_new_tokens=1, repetition_penalty=1.0, dry_multiplier=50.0)
     bias = {9: 100.0}  # the model "wants" to continue the copy
     penalised = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias)]
-    copied = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias, copyable=(2, 8))]
+    copied = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias, passages=(2, 8))]
     assert penalised != [9] and copied == [9], (penalised, copied)
+
+
+def test_context_aware_decoding_weighs_the_passages_against_the_same_turn_without_them():
+    torch.manual_seed(0)
+    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    for weight in model.parameters():  # the zero-initialised projections would leave attention out
+        torch.nn.init.normal_(weight, std=0.3)
+    plain = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=1)
+    for seed in range(100):  # a prompt whose steered choice differs from the plain one
+        prompt = torch.randint(1, 64, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+        with torch.no_grad():
+            read = model(torch.tensor([prompt]))[0][0, -1]
+            unread = model(torch.tensor([prompt[:2] + prompt[6:]]))[0][0, -1]
+        if int((3 * read - 2 * unread).argmax()) != int(read.argmax()):
+            break
+    else:
+        pytest.fail("no prompt where the passages change the choice")
+    steered = dataclasses.replace(plain, context_weight=2.0)
+    expected = int((3 * read - 2 * unread).argmax())
+    assert [t for t, _ in chat.generate(model, prompt, steered, passages=(2, 6))] == [expected]
+    off = dataclasses.replace(plain, context_weight=0.0)
+    assert [t for t, _ in chat.generate(model, prompt, off, passages=(2, 6))] == [int(read.argmax())]
+    assert [t for t, _ in chat.generate(model, prompt, steered)] == [int(read.argmax())], "no passages, no steering"
+    longer = dataclasses.replace(steered, max_new_tokens=20, temperature=1.0)  # past the window: both slide
+    runs = [[t for t, _ in chat.generate(model, prompt, longer, generator=torch.Generator().manual_seed(1),
+                                         use_cache=cache, passages=(2, 6))] for cache in (True, False)]
+    assert runs[0] == runs[1], "the cached and uncached windows read the same tokens"
 
 
 def test_prompt_with_knowledge_keeps_stdout_for_the_answer(knowledge, tmp_path):
