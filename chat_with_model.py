@@ -33,7 +33,7 @@ import torch
 from data import HOLDOUT_FILES, make_conversation
 from newgpt import (KVCache, autocast_context, default_checkpoint, load_checkpoint, pick_device, pick_dtype,
                     render_conversations, token_bytes)
-from retrieval import conversation_query, format_passages, open_index
+from retrieval import conversation_query, format_passages, is_about, open_index
 from runtime import UserError
 
 # -----------------------------------------------------------------------------
@@ -62,8 +62,9 @@ class SamplingConfig:
     no_repeat_ngram_size: int = field(default=0, metadata={
         "help": "never produce an n-gram of this many tokens that the context already holds (0: off)"})
     context_weight: float = field(default=1.0, metadata={
-        "help": "with passages (--knowledge): sample from (1 + w) x the logits with them - w x the logits without, "
-                "so that what they say outweighs what the model believes (Shi et al. 2023; 0: off)"})
+        "help": "with passages about the question (--knowledge): sample from (1 + w) x the logits with them - w x "
+                "the logits without, so that what they say outweighs what the model believes (Shi et al. 2023; "
+                "0: off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
     seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
 
@@ -293,6 +294,7 @@ class Chat:
         self.index = index  # a KnowledgeIndex to look things up in (--knowledge), or None
         self.retrieval = index is not None  # /retrieval on|off
         self.passages = []  # what was looked up for the newest user turn
+        self.steer = False  # whether the passages are about that turn: then context_weight applies
         self.ctx = autocast_context(device, dtype)
         # On the model's device: torch.multinomial samples there, from logits that never leave it.
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
@@ -336,7 +338,7 @@ class Chat:
                 history = history[1:]
         while passages and len(self.render(history, passages)) > budget:
             passages = passages[:-1]
-        self.passages = passages
+        self.passages, self.steer = passages, is_about(passages, history[-1][1])
         dropped = len(self.history) + 1 - len(history)
         ids = self.render(history, passages)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
@@ -362,8 +364,9 @@ class Chat:
         if self.context_id in prompt_ids:
             start = prompt_ids.index(self.context_id)
             passages = (start, prompt_ids.index(self.end_id, start) + 1)
+        sampling = self.sampling if self.steer else dataclasses.replace(self.sampling, context_weight=0.0)
         try:
-            for token_id, logits in generate(self.model, prompt_ids, self.sampling, (self.end_id,), self.generator,
+            for token_id, logits in generate(self.model, prompt_ids, sampling, (self.end_id,), self.generator,
                                              ctx=self.ctx, logit_bias=logit_bias, passages=passages):
                 if token_id == self.end_id:
                     break

@@ -257,6 +257,14 @@ def format_passages(passages):
                        for i, p in enumerate(passages, start=1))
 
 
+def is_about(passages, question):
+    """Whether a passage holds every content word of the question. Only then does the chat let the passages
+    outweigh what the model believes (context-aware decoding): a chat turn that merely shares a word or two
+    with them would otherwise be steered off its topic."""
+    words = question_words(question)
+    return bool(words) and any(words <= question_words(f"{p.title} {p.text}") for p in passages)
+
+
 REFERRING_WORDS = frozenset("it its he him his she her they them their there that this those these".split())
 
 

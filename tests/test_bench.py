@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, oasst_rows, write_jsonl
+import newgpt
+from conftest import REPO, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
 from test_serve import CHROMIUM
 
 pytestmark = pytest.mark.slow
@@ -118,3 +119,13 @@ def test_faults(tmp_path, trained_run):
     assert len(rows) == 6 and all(row.endswith("| 0 |") for row in rows), out  # a row per fault, nothing lost
     out = run_bench("faults.py", "--disconnects", "3", "--ckpt", trained_run)
     assert "cancelled 10 -> 13" in out and "next request: 200" in out, out
+
+
+def test_context_weight(knowledge, tmp_path):
+    ckpt = tmp_path / "reads"  # random weights with the passages' token: the sweep runs; its scores mean nothing
+    tokenizer = newgpt.train_tokenizer([row.get("text") or row["response"] for row in knowledge_rows()], 300)
+    write_checkpoint(newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1,
+                                                 n_head=1, n_embd=16)), tokenizer, ckpt)
+    out = run_bench("context_weight.py", ckpt, "--knowledge", knowledge, "--weights", "0", "1", "--seeds", "1",
+                    "--half", "test", "--max_new_tokens", "4")
+    assert "| 0 |" in out and "| 1 |" in out, out

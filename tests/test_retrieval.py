@@ -233,6 +233,15 @@ def test_context_aware_decoding_weighs_the_passages_against_the_same_turn_withou
     assert runs[0] == runs[1], "the cached and uncached windows read the same tokens"
 
 
+def test_the_passages_steer_only_an_answer_they_are_about(knowledge):
+    index = retrieval.open_index(knowledge, log=None)
+    question = "What is the capital of Zembla?"
+    assert retrieval.is_about(index.search(question, 3), question)
+    chit_chat = "Which songs do people sing at parties in Ostrova?"  # the passages name Ostrova, and nothing else
+    assert index.search(chit_chat, 3) and not retrieval.is_about(index.search(chit_chat, 3), chit_chat)
+    assert not retrieval.is_about([], question)
+
+
 def test_prompt_with_knowledge_keeps_stdout_for_the_answer(knowledge, tmp_path):
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--ckpt", ckpt, "--knowledge",
