@@ -9,8 +9,10 @@ whole conversation (rendered with the same function that rendered its training d
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
 
 With --knowledge, each user turn is first looked up in a full-text index (retrieval.py); the best passages
-enter the prompt as a context turn after it, a line names their sources, and /sources shows them.
-Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling first
+enter the prompt as a context turn after it, a line names their sources, and /sources shows them. When a
+passage holds every content word of the question, the same conversation without the passages is decoded
+alongside, and the answer is drawn from logits that weigh the two (context-aware decoding, --context_weight):
+what the passages say outweighs what the model believes. Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling first
 pushes repeats down (a CTRL penalty on recent tokens, OpenAI's frequency and presence penalties, DRY on
 repeated sequences, banned n-grams), then applies temperature (0 means greedy), top-k, top-p and min-p,
 and draws with a seeded torch.Generator. Output bytes go through an incremental UTF-8 decoder, so a

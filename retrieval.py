@@ -167,7 +167,7 @@ class KnowledgeIndex:
         for w in set(words) - self.counts.keys():
             self.counts[w] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
                                              (fts_match([w]),)).fetchone()[0]
-        rarest = sorted((w for w in words if self.counts[w]), key=self.counts.get)  # a word in no passage matches none
+        rarest = sorted((w for w in words if self.counts[w]), key=self.counts.get)  # in no passage: no use
         rare = [w for w in rarest if self.counts[w] <= self.common_fraction * self.n_passages][:self.max_words]
         return rare or rarest[:1]
 
