@@ -11,13 +11,13 @@ whole conversation (rendered with the same function that rendered its training d
 With --knowledge, each user turn is first looked up in a full-text index (retrieval.py); the best passages
 enter the prompt as a context turn after it, a line names their sources, and /sources shows them. When a
 passage holds every content word of the question, the same conversation without the passages is decoded
-alongside, and the answer is drawn from logits that weigh the two (context-aware decoding, --context_weight):
-what the passages say outweighs what the model believes. Generation prefills the prompt once into a KV cache, then decodes one token at a time. Sampling first
-pushes repeats down (a CTRL penalty on recent tokens, OpenAI's frequency and presence penalties, DRY on
-repeated sequences, banned n-grams), then applies temperature (0 means greedy), top-k, top-p and min-p,
-and draws with a seeded torch.Generator. Output bytes go through an incremental UTF-8 decoder, so a
-character split across tokens is never printed broken. The model, the chat format and load_checkpoint
-come from newgpt.py.
+alongside, and the answer is drawn from logits that weigh the two (context-aware decoding,
+--context_weight): what the passages say outweighs what the model believes. Generation prefills the prompt
+once into a KV cache, then decodes one token at a time. Sampling first pushes repeats down (a CTRL penalty
+on recent tokens, OpenAI's frequency and presence penalties, DRY on repeated sequences, banned n-grams),
+then applies temperature (0 means greedy), top-k, top-p and min-p, and draws with a seeded torch.Generator.
+Output bytes go through an incremental UTF-8 decoder, so a character split across tokens is never printed
+broken. The model, the chat format and load_checkpoint come from newgpt.py.
 """
 
 import argparse
@@ -320,10 +320,11 @@ class Chat:
         return ids + [self.assistant_id]
 
     def look_up(self, history):
-        """Passages for the newest user turn (a short follow-up also uses the turns before it)."""
+        """(passages, query) for the newest user turn (a short follow-up also uses the turns before it)."""
         if not self.retrieval:
-            return []
-        return self.index.search(conversation_query([content for role, content in history if role == "user"]))
+            return [], ""
+        query = conversation_query([content for role, content in history if role == "user"])
+        return self.index.search(query), query
 
     def add_user_turn(self, user_text):
         """Append a user turn, look up passages for it, and return (prompt ids, notice). The oldest exchanges
@@ -333,14 +334,14 @@ class Chat:
         # A longer answer than fits slides the window during generation; the prompt keeps at least half.
         budget = max(block_size // 2, block_size - self.sampling.max_new_tokens)
         history = self.history + [("user", user_text[-self.max_input_chars:])]
-        passages = self.look_up(history)
+        passages, query = self.look_up(history)
         while len(history) > 1 and len(self.render(history, passages)) > budget:
             history = history[1:]
             while history[0][0] == "assistant":  # drop whole exchanges: the history starts with a question
                 history = history[1:]
         while passages and len(self.render(history, passages)) > budget:
             passages = passages[:-1]
-        self.passages, self.steer = passages, is_about(passages, history[-1][1])
+        self.passages, self.steer = passages, is_about(passages, query)  # a follow-up: with the turns it leans on
         dropped = len(self.history) + 1 - len(history)
         ids = self.render(history, passages)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""

@@ -171,6 +171,7 @@ def test_the_chat_looks_up_each_turn_and_names_its_sources(knowledge, tmp_path):
     context_id = tokenizer.token_to_id("<|context|>")
     assert prompt.count(context_id) == 1 and prompt.index(context_id) > prompt.index(tokenizer.token_to_id("<|user|>"))
     assert any("Novi Grad" in p.text for p in conversation.passages)
+    assert conversation.steer, "a passage holds the question's words: context-aware decoding applies"
     "".join(conversation.stream_reply(prompt))
     out = io.StringIO()
     chat.handle_command(conversation, "/sources", out)
