@@ -938,9 +938,8 @@ def default_checkpoint(out_dir="ckpt"):
 
 def make_release(source, out_dir):
     """Make the newest checkpoint of a run (or a checkpoint file) the release model in out_dir."""
-    path, _ = find_checkpoint(source)
-    _, _, ckpt = load_checkpoint(path)  # refuses a damaged checkpoint or a tokenizer that does not match
-    return write_release(path, ckpt, out_dir)
+    _, _, ckpt = load_checkpoint(source)  # refuses a damaged checkpoint or a tokenizer that does not match
+    return write_release(Path(source) if Path(source).is_dir() else Path(source).parent, ckpt, out_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -297,13 +297,13 @@ def release_state(ckpt):
     return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}
 
 
-def write_release(path, ckpt, out_dir):
-    """Replace the release model in out_dir with checkpoint file `path` (ckpt: its loaded, checked dict),
-    its tokenizer beside it; returns the new file's path."""
+def write_release(folder, ckpt, out_dir):
+    """Replace the release model in out_dir with a checkpoint of `folder` (ckpt: its loaded, checked dict),
+    and its tokenizer; returns the new file's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_name = ckpt["tokenizer"]["file"]
-    atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(path.parent / tokenizer_name, tmp))
+    atomic_write(out_dir / tokenizer_name, lambda tmp: shutil.copyfile(Path(folder) / tokenizer_name, tmp))
     release = out_dir / RELEASE_FILE
     atomic_write(release, lambda tmp: torch.save(release_state(ckpt), tmp))
     atomic_write(out_dir / "latest", lambda tmp: tmp.write_text(RELEASE_FILE + "\n"))
