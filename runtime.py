@@ -178,9 +178,10 @@ def latest_checkpoint(out_dir):
 
 
 def what_is_intact(out_dir):
-    """What a failed save leaves a user, in words."""
-    previous = latest_checkpoint(out_dir)
-    return f"{previous} is intact: make room and continue with --resume" if previous else "nothing was saved yet"
+    """What a failed save leaves a user, in words: the newest checkpoint that loads (the newest by name may be
+    one a crash left damaged)."""
+    intact = next((p for p in checkpoint_candidates(out_dir) if try_read_checkpoint(p)[0] is not None), None)
+    return f"{intact} is intact: make room and continue with --resume" if intact else "no checkpoint is intact"
 
 
 def why_unreadable(path, error):

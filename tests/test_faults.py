@@ -20,6 +20,7 @@ import uvicorn
 import chat_with_model as chat
 import newgpt
 import retrieval
+import runtime
 import serve
 from conftest import REPO, copy_run, train_in_process
 from data import load_or_build_texts
@@ -196,6 +197,12 @@ def test_a_full_disk_during_a_save_stops_the_run_in_one_line_and_keeps_the_check
     assert [p.name for p in checkpoint_paths(run)] == ["gpt_step0002.pt", "gpt_step0004.pt"], line
     assert_nothing_half_written(run)
     assert resume(run) == 0 and newgpt.load_checkpoint(run)[2]["step"] == 6
+
+
+def test_a_failed_save_names_the_newest_checkpoint_that_loads_not_a_damaged_one(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run")
+    (run / "gpt_step0009.pt").write_bytes(b"PK\x03\x04 half a file")  # left by an older crash, newest by name
+    assert runtime.what_is_intact(run).startswith(f"{run / 'gpt_step0004.pt'} is intact")
 
 
 @contextlib.contextmanager
