@@ -262,9 +262,13 @@ class Finished:
 class Worker:
     def __init__(self, chat, limits):
         self.chat, self.limits, self.jobs = chat, limits, queue.Queue()
-        self.busy, self.cancelled = False, 0  # cancelled: generations whose client left, or hit a stop sequence
-        self.current, self.stopping = None, False
+        self.current, self.cancelled = None, 0  # cancelled: generations whose client left, or hit a stop sequence
+        self.stopping = False
         threading.Thread(target=self.run, daemon=True, name="generation").start()
+
+    @property
+    def busy(self):
+        return self.current is not None
 
     def submit(self, job):
         if self.jobs.qsize() >= self.limits.max_waiting:
@@ -288,7 +292,7 @@ class Worker:
                     job.loop.call_soon_threadsafe(job.out.put_nowait, ApiError(
                         503, "the server is shutting down", kind="server_error", code="shutting_down"))
                 continue
-            self.busy, self.current = True, job
+            self.current = job
             if self.stopping:  # stop_all ran just as this job was taken
                 job.cancelled.set()
             try:
@@ -298,7 +302,7 @@ class Worker:
             except Exception as e:  # noqa: BLE001  anything else still answers, and the worker lives on
                 result = ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
             finally:
-                self.busy, self.current = False, None
+                self.current = None
             job.loop.call_soon_threadsafe(job.out.put_nowait, result)
 
     def generate(self, job):
