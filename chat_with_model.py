@@ -35,7 +35,7 @@ import torch
 from data import HOLDOUT_FILES, make_conversation
 from newgpt import (KVCache, autocast_context, default_checkpoint, load_checkpoint, pick_device, pick_dtype,
                     render_conversations, token_bytes)
-from retrieval import conversation_query, format_passages, is_about, open_index
+from retrieval import conversation_query, format_passages, open_index
 from runtime import UserError
 
 # -----------------------------------------------------------------------------
@@ -341,7 +341,8 @@ class Chat:
                 history = history[1:]
         while passages and len(self.render(history, passages)) > budget:
             passages = passages[:-1]
-        self.passages, self.steer = passages, is_about(passages, query)  # a follow-up: with the turns it leans on
+        # A follow-up is judged by the query that looked its passages up: with the turns it leans on.
+        self.passages, self.steer = passages, bool(passages) and self.index.is_about(passages, query)
         dropped = len(self.history) + 1 - len(history)
         ids = self.render(history, passages)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""

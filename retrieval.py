@@ -165,12 +165,27 @@ class KnowledgeIndex:
         """The max_words rarest words, none found in more than common_fraction of the passages ("known",
         "first", "world"): BM25 gives common words little weight, but scoring the passages that hold them is
         most of a query's time, and a long message would OR together dozens of words."""
-        for w in set(words) - self.counts.keys():
-            self.counts[w] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
-                                             (fts_match([w]),)).fetchone()[0]
-        rarest = sorted((w for w in words if self.counts[w]), key=self.counts.get)  # in no passage: no use
-        rare = [w for w in rarest if self.counts[w] <= self.common_fraction * self.n_passages][:self.max_words]
+        rarest = sorted((w for w in words if self.count(w)), key=self.count)  # in no passage: no use
+        rare = [w for w in rarest if not self.is_common(w)][:self.max_words]
         return rare or rarest[:1]
+
+    def count(self, word):
+        """How many passages hold the word."""
+        if word not in self.counts:
+            self.counts[word] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
+                                                (fts_match([word]),)).fetchone()[0]
+        return self.counts[word]
+
+    def is_common(self, word):
+        return self.count(word) > self.common_fraction * self.n_passages
+
+    def is_about(self, passages, query):
+        """Whether one passage holds every word of the query but the common ones ("used", "people"). Only
+        then does the chat let the passages outweigh what the model believes (context-aware decoding): a
+        chat turn that merely shares a word or two with them would otherwise be steered off its topic."""
+        words = set(query_words(query))
+        words = {w for w in words if not self.is_common(w)} or words  # a small corpus: every word is common
+        return bool(words) and any(words <= question_words(f"{p.title} {p.text}") for p in passages)
 
     def close(self):
         self.db.close()
@@ -256,14 +271,6 @@ def format_passages(passages):
     """The content of a context turn: numbered passages, each under its title."""
     return "\n\n".join(f"[{i}] {p.title}\n{p.text}" if p.title else f"[{i}] {p.text}"
                        for i, p in enumerate(passages, start=1))
-
-
-def is_about(passages, question):
-    """Whether a passage holds every content word of the question. Only then does the chat let the passages
-    outweigh what the model believes (context-aware decoding): a chat turn that merely shares a word or two
-    with them would otherwise be steered off its topic."""
-    words = question_words(question)
-    return bool(words) and any(words <= question_words(f"{p.title} {p.text}") for p in passages)
 
 
 REFERRING_WORDS = frozenset("it its he him his she her they them their there that this those these".split())

@@ -84,6 +84,9 @@ class TimedIndex:
         self.seconds.append(time.perf_counter() - started)
         return passages
 
+    def is_about(self, passages, query):
+        return self.index.is_about(passages, query)
+
 
 def answer_all(model, tokenizer, prompts, sampling, index=None, k=retrieval.PASSAGES_PER_ANSWER):
     """One fresh conversation per prompt, each with its own seed (and with retrieval when given an index)."""

@@ -237,10 +237,15 @@ def test_context_aware_decoding_weighs_the_passages_against_the_same_turn_withou
 def test_the_passages_steer_only_an_answer_they_are_about(knowledge):
     index = retrieval.open_index(knowledge, log=None)
     question = "What is the capital of Zembla?"
-    assert retrieval.is_about(index.search(question, 3), question)
+    assert index.is_about(index.search(question, 3), question)
     chit_chat = "Which songs do people sing at parties in Ostrova?"  # the passages name Ostrova, and nothing else
-    assert index.search(chit_chat, 3) and not retrieval.is_about(index.search(chit_chat, 3), chit_chat)
-    assert not retrieval.is_about([], question)
+    assert index.search(chit_chat, 3) and not index.is_about(index.search(chit_chat, 3), chit_chat)
+    assert not index.is_about([], question)
+    passage = retrieval.Passage("Genovia", "Its capital is Pyrus.", "facts.jsonl", "facts.jsonl:2")
+    question = "The capital and the people of Genovia?"
+    assert not index.is_about([passage], question), "where no word is rare, the passage must hold every one"
+    wider = retrieval.KnowledgeIndex(index.path, common_fraction=0.3)  # "people": in 6 of the 12 passages
+    assert wider.is_about([passage], question), "a common word the passage lacks does not count against it"
 
 
 def test_prompt_with_knowledge_keeps_stdout_for_the_answer(knowledge, tmp_path):
