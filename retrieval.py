@@ -298,7 +298,6 @@ def conversation_query(user_turns):
 
 NO_PASSAGES_SHARE = 0.2  # chats left without passages, so that the model still answers without --knowledge
 READING_QUESTIONS_PER_SOURCE = 5000  # Q/A pairs per knowledge file whose answer the passages hold
-CANDIDATE_PASSAGES = 10  # how far down the ranking a reading question's answer is looked for
 
 
 def answer_in(passages, question, answer):
@@ -324,17 +323,6 @@ def with_passages(conversation, index, rng, k=PASSAGES_PER_ANSWER):
     return conversation | {"turns": turns[:first + 1] + [context] + turns[first + 1:]}
 
 
-def passages_to_read(index, question, answer, doc, k=PASSAGES_PER_ANSWER):
-    """k passages from the other records, holding the answer: the best k if they do, else the best k-1 and
-    the best-ranked passage that holds it (within CANDIDATE_PASSAGES), last, so that the model also learns to
-    find an answer behind passages that merely share the question's words. None when no passage holds it."""
-    found = index.search(question, CANDIDATE_PASSAGES, exclude_doc=doc)
-    if answer_in(found[:k], question, answer):
-        return found[:k]
-    holding = [p for p in found[k:] if answer_in([p], question, answer)]
-    return found[:k - 1] + holding[:1] if holding else None
-
-
 def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
     """Up to n Q/A pairs of one local knowledge file, each with passages retrieved from the other records
     that hold its answer: the model learns to answer from what it reads."""
@@ -344,8 +332,8 @@ def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
     conversations = []
     for number, record in records[:3 * n]:  # about half hold their answer; the cap bounds the searching
         question, answer, doc = record["instruction"], record["response"], f"{source}:{number}"
-        passages = passages_to_read(index, question, answer, doc, k)
-        if passages:
+        passages = index.search(question, k, exclude_doc=doc)
+        if answer_in(passages, question, answer):
             turns = [("user", question), ("context", format_passages(passages)), ("assistant", answer)]
             conversations.append(make_conversation(turns, doc) | {"source": f"reading:{Path(source).name}"})
             if len(conversations) == n:

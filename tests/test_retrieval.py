@@ -110,20 +110,6 @@ def test_reading_questions_hold_their_answer_and_never_their_own_record(knowledg
         assert user["content"] not in context["content"], "leave-one-out: the pair is not retrieved for itself"
 
 
-def test_a_reading_question_is_shown_its_answer_behind_passages_that_only_share_its_words(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    distractors = [{"text": f"Genovian history {i}\nThe capital of Genovia moved in year {i}; Genovia's capital "
-                            f"is old."} for i in range(5)]
-    answer_doc = {"text": "Pyrus\nPyrus, a city on a river, is where Genovia keeps its capital."}
-    index = retrieval.open_index(write_jsonl(tmp_path / "docs.jsonl", distractors + [answer_doc]), log=None)
-    question, answer = "What is the capital of Genovia?", "The capital of Genovia is Pyrus."
-    ranked = index.search(question, retrieval.CANDIDATE_PASSAGES)
-    assert "Pyrus" not in " ".join(p.text for p in ranked[:3]) and "Pyrus" in ranked[-1].text, "the setting"
-    shown = retrieval.passages_to_read(index, question, answer, doc=None, k=3)
-    assert shown[:2] == ranked[:2] and "Pyrus" in shown[2].text, "the best two, then the one holding the answer"
-    assert retrieval.passages_to_read(index, question, "The capital of Genovia is Ostrova.", None, 3) is None
-
-
 def test_chats_get_passages_after_their_first_user_turn_or_none(knowledge):
     index = retrieval.open_index(knowledge, log=None)
     conversation = {"turns": [{"role": "user", "content": "Tell me about Florin."},
