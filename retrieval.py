@@ -141,7 +141,9 @@ def fts_match(words):
 
 
 class KnowledgeIndex:
-    """An FTS5 index of passages; search(query, k) is the whole interface."""
+    """An FTS5 index of passages: search(query, k) for the chat, and is_about(passages, query) for its
+    decoding. Only search and count read the database: a BM25 server (Elasticsearch, OpenSearch) would
+    replace those two."""
 
     def __init__(self, path, common_fraction=COMMON_FRACTION, max_words=MAX_QUERY_WORDS):
         self.path, self.common_fraction, self.max_words = Path(path), common_fraction, max_words
