@@ -102,12 +102,25 @@ def run_variant(name, flags, minutes, setup, fixed_steps=0, evaluations=4):
     flags = flags + (TINY_FLAGS if setup.tiny else [])
     batch_size = flag_value(flags, "--batch_size", BATCH_SIZE)
     steps = TINY_STEPS if setup.tiny else fixed_steps or planned_steps(flags, minutes, batch_size, evaluations)
+    schedule = ["--batch_size", str(batch_size), "--grad_accum", "1", "--max_steps", str(steps),
+                "--warmup_steps", str(min(100, steps // 10)), "--eval_interval", str(max(1, steps // evaluations)),
+                "--save_interval", str(steps), "--max_minutes", str(minutes * 1.1), "--decay_fraction", "1"]
+    return train(name, schedule + flags, setup) | {"planned_steps": steps}
+
+
+def run_budgeted(name, flags, minutes, setup, eval_interval=None):
+    """Train with newgpt.py's own time budget (--max_minutes, its schedule following the clock), as a user
+    runs it: no step count planned ahead. Its results row."""
+    flags = flags + (TINY_FLAGS + ["--max_steps", str(TINY_STEPS)] if setup.tiny else [])
+    evaluations = ["--eval_interval", str(eval_interval)] if eval_interval else []
+    return train(name, ["--max_minutes", str(minutes), *evaluations, *flags], setup) | {"minutes": minutes}
+
+
+def train(name, flags, setup):
+    """newgpt.py on the bench's data with these flags, in runs/experiments/NAME (emptied first)."""
     out_dir = Path(setup.runs) / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
-               "--texts", setup.texts, "--out_dir", str(out_dir), "--batch_size", str(batch_size),
-               "--grad_accum", "1", "--max_steps", str(steps), "--warmup_steps", str(min(100, steps // 10)),
-               "--eval_interval", str(max(1, steps // evaluations)), "--save_interval", str(steps),
-               "--max_minutes", str(minutes * 1.1), "--decay_fraction", "1", *flags]
+               "--texts", setup.texts, "--out_dir", str(out_dir), *flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     started = time.time()
@@ -116,7 +129,7 @@ def run_variant(name, flags, minutes, setup, fixed_steps=0, evaluations=4):
         raise SystemExit(f"{name} failed: {result.stderr.strip().splitlines()[-1]}")
     val, train_tok_s = final_validation(out_dir / "metrics.jsonl")
     return {"name": name, "flags": " ".join(flags), "metrics": str(out_dir / "metrics.jsonl"), "steps": val["step"],
-            "planned_steps": steps, "seconds": round(time.time() - started), "tok_s": train_tok_s,
+            "seconds": round(time.time() - started), "tok_s": train_tok_s,
             "val_bpb": round(val["val_bpb"], 4), "val_loss": round(val["val_loss"], 4)}
 
 

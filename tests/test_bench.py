@@ -44,8 +44,14 @@ def test_experiments(bench_data):
 
 
 def test_quality(bench_data, tmp_path):
-    out = run_bench("quality.py", "--tiny", "--minutes", "0.5", "--png", tmp_path / "quality.png", *bench_data)
+    results = tmp_path / "quality.jsonl"
+    out = run_bench("quality.py", "--tiny", "--curves", "--minutes", "0.5", "--png", tmp_path / "quality.png",
+                    "--results", results, *bench_data)
     assert "final val bpb" in out and (tmp_path / "quality.png").is_file()
+    out = run_bench("quality.py", "--tiny", "--seed_minutes", "0.5", "--first_guess", "0.5", "--ceiling", "1",
+                    "--resolution", "1", "--results", results, *bench_data)
+    assert "seed recipe, --max_minutes 0.5" in out and "--max_minutes 0.5:" in out, out
+    assert len(results.read_text().splitlines()) == 2, "each mode appends its result"
 
 
 def test_budget(bench_data):
