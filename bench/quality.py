@@ -114,9 +114,9 @@ def time_to_target(args):
         print(f"no budget up to {args.ceiling:g} minutes reached {target:.4f}")
     else:
         seed_s = args.seed_minutes * 60
+        at_most = f" to {seed_s / (lo * 60):.2f}x" if lo else " or more"
         print(f"B is in ({lo * 60:.0f} s, {hi * 60:.0f} s]: the default reaches the seed recipe's "
-              f"{args.seed_minutes:g}-minute result {seed_s / (hi * 60):.1f}x to {seed_s / max(lo * 60, 1e-9):.1f}x "
-              f"faster (the target: 48 s, 10x)")
+              f"{args.seed_minutes:g}-minute result {seed_s / (hi * 60):.2f}x{at_most} faster (the goal: 10x)")
     return {"mode": "bisect", "target": target, "seed": seed_row, "lo_minutes": lo, "hi_minutes": hi,
             "probes": probes}
 
