@@ -105,7 +105,7 @@ def run_variant(name, flags, minutes, setup, fixed_steps=0, evaluations=4):
     schedule = ["--batch_size", str(batch_size), "--grad_accum", "1", "--max_steps", str(steps),
                 "--warmup_steps", str(min(100, steps // 10)), "--eval_interval", str(max(1, steps // evaluations)),
                 "--save_interval", str(steps), "--max_minutes", str(minutes * 1.1), "--decay_fraction", "1"]
-    return train(name, schedule + flags, setup) | {"planned_steps": steps}
+    return train(name, flags, setup, schedule) | {"planned_steps": steps}
 
 
 def run_budgeted(name, flags, minutes, setup, eval_interval=None):
@@ -113,14 +113,15 @@ def run_budgeted(name, flags, minutes, setup, eval_interval=None):
     runs it: no step count planned ahead. Its results row."""
     flags = flags + (TINY_FLAGS + ["--max_steps", str(TINY_STEPS)] if setup.tiny else [])
     evaluations = ["--eval_interval", str(eval_interval)] if eval_interval else []
-    return train(name, ["--max_minutes", str(minutes), *evaluations, *flags], setup) | {"minutes": minutes}
+    return train(name, flags, setup, ["--max_minutes", str(minutes), *evaluations]) | {"minutes": minutes}
 
 
-def train(name, flags, setup):
-    """newgpt.py on the bench's data with these flags, in runs/experiments/NAME (emptied first)."""
+def train(name, flags, setup, schedule):
+    """newgpt.py on the bench's data with the schedule's flags, then the variant's, in runs/experiments/NAME
+    (emptied first)."""
     out_dir = Path(setup.runs) / "experiments" / name.replace(" ", "_")
     command = [sys.executable, str(REPO / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
-               "--texts", setup.texts, "--out_dir", str(out_dir), *flags]
+               "--texts", setup.texts, "--out_dir", str(out_dir), *schedule, *flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
     started = time.time()

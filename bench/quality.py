@@ -135,6 +135,7 @@ def main():
     parser.add_argument("--results", default=str(RESULTS), help="JSONL file the results are appended to")
     experiments.add_run_arguments(parser)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each probe's line as it ends, also into a log file
     result = side_by_side(args) if args.curves else time_to_target(args)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
