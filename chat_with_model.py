@@ -10,7 +10,7 @@ whole conversation (rendered with the same function that rendered its training d
 
 With --knowledge, each user turn is first looked up in a full-text index (retrieval.py); the best passages
 enter the prompt as a context turn after it, a line names their sources, and /sources shows them. When a
-passage holds every content word of the question, the same conversation without the passages is decoded
+passage holds every uncommon word of the question, the same conversation without the passages is decoded
 alongside, and the answer is drawn from logits that weigh the two (context-aware decoding,
 --context_weight): what the passages say outweighs what the model believes. Generation prefills the prompt
 once into a KV cache, then decodes one token at a time. Sampling first pushes repeats down (a CTRL penalty
