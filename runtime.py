@@ -180,7 +180,7 @@ def latest_checkpoint(out_dir):
 def what_is_intact(out_dir):
     """What a failed save leaves a user, in words: the newest checkpoint that loads (the newest by name may be
     one a crash left damaged)."""
-    intact = next((p for p in checkpoint_candidates(out_dir) if try_read_checkpoint(p)[0] is not None), None)
+    intact, _, _ = newest_intact(out_dir)
     return f"{intact} is intact: make room and continue with --resume" if intact else "no checkpoint is intact"
 
 
@@ -221,6 +221,18 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def newest_intact(folder, device="cpu"):
+    """(file, checkpoint dict, the newer ones that did not load as "name problem") for the newest checkpoint
+    in a run folder that loads; file and dict are None when none does."""
+    damaged = []
+    for candidate in checkpoint_candidates(folder):
+        ckpt, problem = try_read_checkpoint(candidate, device)
+        if ckpt is not None:
+            return candidate, ckpt, damaged
+        damaged.append(f"{candidate.name} {problem}")
+    return None, None, damaged
+
+
 def find_checkpoint(path, device="cpu"):
     """(file, checkpoint dict) for a checkpoint file, or the newest intact checkpoint in a run folder. A
     damaged newer one (a kill mid-copy, a full disk) is passed over with a line on stderr, and left on disk."""
@@ -229,15 +241,12 @@ def find_checkpoint(path, device="cpu"):
         return path, read_checkpoint(path, device)
     if not path.is_dir():
         raise UserError(f"checkpoint not found: {path}")
-    damaged = []
-    for candidate in checkpoint_candidates(path):
-        ckpt, problem = try_read_checkpoint(candidate, device)
-        if ckpt is not None:
-            if damaged:
-                print(f"passing over {'; '.join(damaged)}: using {candidate.name}, the newest intact checkpoint",
-                      file=sys.stderr)
-            return candidate, ckpt
-        damaged.append(f"{candidate.name} {problem}")
+    candidate, ckpt, damaged = newest_intact(path, device)
+    if ckpt is not None:
+        if damaged:
+            print(f"passing over {'; '.join(damaged)}: using {candidate.name}, the newest intact checkpoint",
+                  file=sys.stderr)
+        return candidate, ckpt
     if damaged:
         raise UserError(f"no intact checkpoint in {path}/: {'; '.join(damaged)}")
     raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
