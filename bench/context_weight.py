@@ -27,7 +27,7 @@ from data import HOLDOUT_FILES  # noqa: E402
 
 
 def ask(model, tokenizer, questions, sampling, index):
-    """(right, found) counts over the questions, asked with retrieval."""
+    """(right, found, right among the found) counts over the questions, asked with retrieval."""
     replies = chat_quality.answer_all(model, tokenizer, [q["question"] for q in questions], sampling, index)
     right = [chat_quality.names_an_answer(r.text, q["answers"]) for q, r in zip(questions, replies)]
     found = [chat_quality.holds_an_answer(r.passages, q["answers"]) for q, r in zip(questions, replies)]
