@@ -116,11 +116,11 @@ def run_budgeted(name, flags, minutes, setup, eval_interval=None):
     return train(name, flags, setup, ["--max_minutes", str(minutes), *evaluations]) | {"minutes": minutes}
 
 
-def train(name, flags, setup, schedule):
-    """newgpt.py on the bench's data with the schedule's flags, then the variant's, in runs/experiments/NAME
-    (emptied first)."""
-    out_dir = Path(setup.runs) / "experiments" / name.replace(" ", "_")
-    command = [sys.executable, str(REPO / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
+def train(name, flags, setup, schedule, repo=REPO, folder="experiments"):
+    """repo's newgpt.py on the bench's data with the schedule's flags, then the variant's, in
+    runs/FOLDER/NAME (emptied first)."""
+    out_dir = Path(setup.runs) / folder / name.replace(" ", "_")
+    command = [sys.executable, str(Path(repo) / "newgpt.py"), "--data", *setup.data, "--val_data", *setup.val_data,
                "--texts", setup.texts, "--out_dir", str(out_dir), *schedule, *flags]
     if out_dir.exists():
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)

@@ -43,6 +43,21 @@ def test_experiments(bench_data):
     assert "vs default" in run_bench("experiments.py", "--tiny", "--only", "default", *bench_data)
 
 
+def test_tricks(bench_data, tmp_path):
+    out = run_bench("tricks.py", "--tiny", "--only", "default", "U-net skips", "--results", tmp_path / "t.jsonl",
+                    *bench_data)
+    assert "vs default" in out and "U-net skips" in out.split("vs default")[1], out
+
+
+def test_every_trick_still_applies_to_newgpt(tmp_path):
+    spec = importlib.util.spec_from_file_location("tricks", REPO / "bench" / "tricks.py")
+    tricks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tricks)
+    for name, (patch, _) in tricks.TRICKS.items():
+        source = (tricks.patched_source(patch, tmp_path / name.replace(" ", "_")) / "newgpt.py").read_text()
+        compile(source, name, "exec")  # the patched file still parses
+
+
 def test_quality(bench_data, tmp_path):
     results = tmp_path / "quality.jsonl"
     out = run_bench("quality.py", "--tiny", "--curves", "--minutes", "0.5", "--png", tmp_path / "quality.png",

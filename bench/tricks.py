@@ -1,0 +1,108 @@
+"""The speedrun's tricks (modded-nanogpt's record history), each tried on newgpt.py at equal steps: a patch
+applied to a copy of the source, trained for the steps the default takes in an 8-minute budget on a 2-core
+CPU, with the budgeted run's schedule (warmup, then the peak rate, then a decay over the last 40%).
+
+    python bench/tricks.py                                     # the unpatched default, then every trick
+    python bench/tricks.py --only default "zero-init projections" --steps 300
+    python bench/tricks.py --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs   # smoke
+
+Equal steps rather than equal time: on the same seed and data order, the comparison does not move with the
+machine's speed, which varies by more than 10% between runs here. A trick that changes a step's cost shows
+it in the tok/s column (each run alone); one that wins there is then checked at equal wall-clock
+(bench/experiments.py's run_budgeted). A patch is a list of (text in newgpt.py, its replacement); it fails
+loudly once newgpt.py no longer holds that text. Kept tricks become newgpt.py's code, and their rows here
+become patches that take them out again. Runs go to runs/tricks/NAME; rows to bench/results/tricks.jsonl.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import experiments  # noqa: E402
+
+RESULTS = experiments.REPO / "bench" / "results" / "tricks.jsonl"
+# What newgpt.py reads from the repo: the modules it imports, and the evaluation prompts it keeps out of training.
+SOURCES = ["newgpt.py", "data.py", "retrieval.py", "runtime.py", "bench/knowledge_questions.jsonl",
+           "bench/chat_prompts.jsonl"]
+STEPS = 300  # the default's steps in `--max_minutes 8` here (bench/results/speedrun_8min.jsonl)
+
+SET_LR = '                group["lr"] = lr\n'
+LOGITS = "        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)\n"
+BLOCKS = "        for layer, block in enumerate(self.transformer.h):\n            x = block(x, rope, kv_cache, layer)\n"
+HEAD = "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)\n"
+
+TRICKS = {
+    "default": ([], []),
+    # Each residual branch starts as the identity (modded-nanogpt; nanochat's init_weights).
+    "zero-init projections": ([(
+        "nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))", "nn.init.zeros_(p)")], []),
+    # The tied embedding learns at 5x the blocks' rate (modded-nanogpt trains its embeddings far faster).
+    "embedding lr x5": ([
+        ('groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},',
+         'groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "scale": 5},'),
+        (SET_LR, '                group["lr"] = lr * group.get("scale", 1)\n')], []),
+    # Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps (modded-nanogpt).
+    "Muon momentum warmup": ([(SET_LR, SET_LR + '                if "ns_steps" in group:\n'
+                               '                    group["momentum"] = 0.85 + 0.10 * min(step / 300, 1)\n')], []),
+    # Block i's output is added back before block n-1-i, with a learned weight per pair (modded-nanogpt).
+    "U-net skips": ([
+        (HEAD, HEAD + "        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))\n"),
+        (BLOCKS, "        skips, half, n = [], self.config.n_layer // 2, self.config.n_layer\n"
+                 "        for layer, block in enumerate(self.transformer.h):\n"
+                 "            if layer >= n - half:\n"
+                 "                x = x + self.skip_weights[n - 1 - layer] * skips.pop()\n"
+                 "            x = block(x, rope, kv_cache, layer)\n"
+                 "            if layer < half:\n"
+                 "                skips.append(x)\n")], []),
+    # Logits squashed into (-15, 15) by a tanh (Gemma 2; modded-nanogpt's later records).
+    "logit soft-cap 15": ([(LOGITS, LOGITS + "        logits = 15 * torch.tanh(logits / 15)\n")], []),
+    "warmup 20 steps": ([], ["--warmup_steps", "20"]),
+}
+
+
+def patched_source(patch, folder):
+    """A copy of the repo's training sources in `folder`, with newgpt.py patched."""
+    for name in SOURCES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(experiments.REPO / name, folder / name)
+    source = (folder / "newgpt.py").read_text()
+    for old, new in patch:
+        if source.count(old) != 1:
+            raise SystemExit(f"the patch no longer applies: newgpt.py does not hold exactly one {old.strip()!r}")
+        source = source.replace(old, new)
+    (folder / "newgpt.py").write_text(source)
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(TRICKS), help="run only these")
+    parser.add_argument("--steps", type=int, default=STEPS, help="steps per run")
+    parser.add_argument("--results", default=str(RESULTS), help="file the rows are appended to")
+    experiments.add_run_arguments(parser)
+    args = parser.parse_args()
+    steps = experiments.TINY_STEPS if args.tiny else args.steps
+    schedule = ["--max_steps", str(steps), "--decay_fraction", "0.4", "--eval_interval", str(steps),
+                "--save_interval", str(steps)]
+    rows = []
+    for name in args.only or TRICKS:
+        patch, flags = TRICKS[name]
+        source = patched_source(patch, Path(args.runs) / "tricks" / "src" / name.replace(" ", "_"))
+        row = experiments.train(name, flags + (experiments.TINY_FLAGS if args.tiny else []), args,
+                                schedule, repo=source, folder="tricks")
+        rows.append(row)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name:<24} steps {row['steps']:>4} tok/s {row['tok_s']:>6} val bpb {row['val_bpb']:.4f}", flush=True)
+    base = next((r["val_bpb"] for r in rows if r["name"] == "default"), None)
+    print(f"\n{'trick':<24} {'tok/s':>7} {'val bpb':>8} {'vs default':>11}")
+    for r in rows:
+        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
+        print(f"{r['name']:<24} {r['tok_s']:>7} {r['val_bpb']:>8.4f} {delta:>11}")
+
+
+if __name__ == "__main__":
+    main()
