@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from data import HOLDOUT_FILES, make_conversation
-from newgpt import (KVCache, autocast_context, default_checkpoint, load_checkpoint, pick_device, pick_dtype,
-                    render_conversations, token_bytes)
+from newgpt import (KVCache, autocast_context, load_checkpoint, pick_device, pick_dtype, render_conversations,
+                    token_bytes)
 from retrieval import conversation_query, format_passages, open_index
-from runtime import UserError
+from runtime import UserError, default_checkpoint
 
 # -----------------------------------------------------------------------------
 # Sampling

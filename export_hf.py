@@ -26,9 +26,9 @@ import torch
 
 from chat_with_model import SamplingConfig
 from data import split_weight
-from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, default_checkpoint, load_checkpoint
+from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, load_checkpoint
 from retrieval import source_files
-from runtime import UserError
+from runtime import UserError, default_checkpoint
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
 END_TOKEN, BOS_TOKEN, PAD_TOKEN = "<|end|>", "<|bos|>", "<|pad|>"

@@ -50,7 +50,7 @@ from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream
                   load_or_build_texts, npz_bytes, read_holdout, split_weight)
 from retrieval import add_passages
 from runtime import (Progress, RELEASE_DIR, StopRequest, UserError, atomic_write, barrier, check_out_dir,
-                     checkpoint_paths, find_checkpoint, format_minutes, keep_freed_memory, latest_checkpoint,
+                     checkpoint_paths, find_checkpoint, format_minutes, keep_freed_memory,
                      max_over_ranks, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
                      remove_stale_temp_files, resume_checkpoint, rng_state, set_rng_state, setup_distributed,
                      what_is_intact, why_unwritable, write_failure, write_metrics, write_release)
@@ -925,15 +925,6 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0][:120]})")
     return model.to(device), tokenizer, ckpt
-
-
-def default_checkpoint(out_dir="ckpt"):
-    """What chat loads when not told: the run trained into out_dir, else the release model (a folder, whose
-    newest intact checkpoint load_checkpoint takes)."""
-    found = next((folder for folder in (Path(out_dir), RELEASE_DIR) if latest_checkpoint(folder)), None)
-    if found:
-        return found
-    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/: python newgpt.py trains one")
 
 
 def make_release(source, out_dir):

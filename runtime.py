@@ -252,6 +252,15 @@ def find_checkpoint(path, device="cpu"):
     raise UserError(f"no checkpoint in {path}/; train one with: python newgpt.py --out_dir {path}")
 
 
+def default_checkpoint(out_dir="ckpt"):
+    """What chat loads when not told: the run trained into out_dir, else the release model (a folder, whose
+    newest intact checkpoint load_checkpoint takes)."""
+    found = next((folder for folder in (Path(out_dir), RELEASE_DIR) if latest_checkpoint(folder)), None)
+    if found:
+        return found
+    raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/: python newgpt.py trains one")
+
+
 def rng_state():
     """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
     state = {"torch": torch.get_rng_state()}

@@ -6,6 +6,7 @@ import torch
 
 import chat_with_model as chat
 import newgpt
+import runtime
 from runtime import RELEASE_DIR, RELEASE_FILE, UserError, checkpoint_paths, latest_checkpoint
 from conftest import copy_run, run_newgpt, train_in_process
 
@@ -46,14 +47,14 @@ def test_release_keeps_bf16_weights_and_the_tokenizer_and_replaces_the_old_one(t
 
 def test_chat_falls_back_to_the_release_only_when_nothing_is_trained(trained_run, tmp_path, monkeypatch):
     release = tmp_path / "release"
-    monkeypatch.setattr(newgpt, "RELEASE_DIR", release)
+    monkeypatch.setattr(runtime, "RELEASE_DIR", release)
     with pytest.raises(UserError, match="no checkpoint in .* and no release model"):
-        newgpt.default_checkpoint(tmp_path / "ckpt")
+        runtime.default_checkpoint(tmp_path / "ckpt")
     newgpt.make_release(trained_run, release)
-    assert newgpt.default_checkpoint(tmp_path / "ckpt") == release
+    assert runtime.default_checkpoint(tmp_path / "ckpt") == release
     assert newgpt.load_checkpoint(release)[2]["step"] == 4
     trained = copy_run(trained_run, tmp_path / "ckpt")
-    assert newgpt.default_checkpoint(trained) == trained, "a trained run wins over the release"
+    assert runtime.default_checkpoint(trained) == trained, "a trained run wins over the release"
 
 
 @pytest.mark.slow
