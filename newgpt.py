@@ -127,8 +127,10 @@ class TrainConfig:
         "help": "a time budget: the learning rate follows the clock (see --decay_fraction) and the run ends, "
                 "with a final evaluation and checkpoint, when it runs out (0: no budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    embedding_lr_scale: float = field(default=5.0, metadata={
+        "help": "the tied embedding's learning rate as a multiple of --lr (bench/tricks.py measures it)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
-    warmup_steps: int = field(default=100, metadata={"help": "steps of linear learning-rate warmup"})
+    warmup_steps: int = field(default=20, metadata={"help": "steps of linear learning-rate warmup"})
     decay_fraction: float = field(default=1.0, metadata={
         "help": "the share of the run, at its end, over which the learning rate decays to min_lr; before it "
                 "stays at lr (1: cosine decay over the whole run; with --max_minutes the default is 0.4)"})
@@ -160,7 +162,7 @@ RECIPES = {
     "default": {},
     "seed": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "batch_size": 8,
              "pos_encoding": "learned", "bias": True, "mlp_act": "gelu", "dtype": "float32", "optimizer": "adamw",
-             "compile": False, "all_tokens_epochs": 0.0},
+             "compile": False, "all_tokens_epochs": 0.0, "embedding_lr_scale": 1.0, "warmup_steps": 100},
 }
 
 
@@ -793,9 +795,12 @@ def configure_optimizers(model, cfg, device):
     2025) so the same learning rate and schedule apply; embeddings, gains and biases stay on AdamW."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if p.dim() == 2 and ".h." in f".{name}"] if cfg.optimizer == "muon" else []
-    hidden_ids = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in hidden_ids]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    embedding = model.transformer.wte.weight  # also the output layer (tied)
+    own_groups = {id(p) for p in hidden} | {id(embedding)}
+    rest = [p for _, p in named if id(p) not in own_groups]
+    # At the blocks' rate the embedding learns too slowly: 5x ended 0.11 bits/byte lower (bench/tricks.py).
+    groups = [{"params": [embedding], "weight_decay": cfg.weight_decay, "is_embedding": True},
+              {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.split(":")[0] in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)]
@@ -1019,8 +1024,8 @@ def start_run(cfg, model_config, size_note):
 def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
     """Weights, optimizer moments, the fp16 loss scale and the RNG of a checkpoint."""
     model.load_state_dict(ckpt["model"])
-    if len(ckpt["optimizers"]) != len(optimizers):
-        raise UserError(f"--resume: {resume_path} was trained with another --optimizer")
+    if [len(state["param_groups"]) for state in ckpt["optimizers"]] != [len(o.param_groups) for o in optimizers]:
+        raise UserError(f"--resume: {resume_path} was trained with another --optimizer or an older TinyGPT")
     for optimizer, state in zip(optimizers, ckpt["optimizers"]):
         optimizer.load_state_dict(state)
     if ckpt.get("scaler"):
@@ -1143,7 +1148,7 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
             # one optimizer step: micro-batches forward and backward, clip, step
             step_started, lr = time.time(), get_lr(step, progress, cfg)
             for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
-                group["lr"] = lr
+                group["lr"] = lr * (cfg.embedding_lr_scale if group.get("is_embedding") else 1.0)
             batches = [rows.get(training_rows(stage_step, micro, cfg, run.rank, run.world_size, rows.n_rows), loss_on)
                        for micro in range(cfg.grad_accum)]
             batches = [(x.to(run.device), y.to(run.device)) for x, y in batches]

@@ -215,10 +215,12 @@ def test_a_budget_with_a_step_limit_ends_at_whichever_comes_first():
     assert budget.progress(80) == pytest.approx(0.8), "the steps are further along than the time"
 
 
-def test_weight_decay_applies_to_matrices_only():
+def test_weight_decay_applies_to_matrices_only_and_the_embedding_has_a_group_of_its_own():
     model = newgpt.GPT(tiny_config(bias=True))
-    decay, no_decay = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")[0].param_groups
-    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] > 0
+    embedding, decay, no_decay = newgpt.configure_optimizers(model, newgpt.TrainConfig(optimizer="adamw"),
+                                                             "cpu")[0].param_groups
+    assert embedding["params"] == [model.transformer.wte.weight] and embedding["is_embedding"]
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] > 0 and embedding["weight_decay"] > 0
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
 
 

@@ -97,6 +97,14 @@ def test_resume_from_a_checkpoint_path_in_another_directory(tmp_path, trained_ru
     assert (elsewhere / ckpt["tokenizer"]["file"]).is_file(), "the checkpoint's tokenizer is copied along"
 
 
+def test_the_embedding_learns_at_its_own_multiple_of_the_rate(tmp_path, trained_run):
+    run = copy_run(trained_run, tmp_path / "run")
+    data = trained_run.parent / "oasst.jsonl.gz"
+    assert train_in_process(*train_args(data, run, "--max_steps", "5", "--resume", "--embedding_lr_scale", "3")) == 0
+    embedding, *others = newgpt.read_checkpoint(run / "gpt_step0005.pt")["optimizers"][0]["param_groups"]
+    assert all(embedding["lr"] == pytest.approx(3 * group["lr"]) for group in others), "the flag wins on resume"
+
+
 def test_resume_refuses_other_data_and_another_optimizer(tmp_path, trained_run, capsys):
     run = copy_run(trained_run, tmp_path / "run")
     data = trained_run.parent / "oasst.jsonl.gz"
