@@ -4,13 +4,15 @@ budget, and the table compares final validation bits per byte.
     python bench/experiments.py --minutes 3                 # every variant below, one after another
     python bench/experiments.py --minutes 3 --only default muon
     python bench/experiments.py --minutes 8 --steps 1400 --only default "warmup 300"   # equal steps
+    python bench/experiments.py --minutes 10 --budgeted --only default "before the speedrun"   # as a user runs it
     python bench/experiments.py --tiny --only default --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
 
 For a fair budget each run's cosine schedule must end when its time does, so the script first measures
 the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
 what fits; --max_minutes ends a run that is slower than measured (with --decay_fraction 1, the cosine
 schedule of these measurements, which predate the budgeted schedule). Compilation time counts against the
-budget, as it does for a user. Runs go to runs/experiments/NAME; results are appended to
+budget, as it does for a user. --budgeted runs each as a user does instead: `--max_minutes M`, its
+warmup-stable-decay schedule following its own clock. Runs go to runs/experiments/NAME; results are appended to
 runs/experiments/results.jsonl and printed as a table.
 """
 
@@ -60,6 +62,7 @@ VARIANTS = {
     "4 layers x 512": ["--n_embd", "512", "--n_head", "4"],  # heads of 128 dims, as the default's
     "warmup 25": ["--warmup_steps", "25"],
     "warmup 300": ["--warmup_steps", "300"],
+    "before the speedrun": ["--embedding_lr_scale", "1", "--warmup_steps", "100"],  # the default until 08ac099
 }
 
 
@@ -141,13 +144,17 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="train every variant for this many steps (equal "
                         "steps instead of equal time, for variants that only change a schedule); --minutes "
                         "still stops a run")
+    parser.add_argument("--budgeted", action="store_true", help="run each with --max_minutes, as a user does")
     add_run_arguments(parser)
     args = parser.parse_args()
     results_path = Path(args.runs) / "experiments" / "results.jsonl"
     results_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or VARIANTS:
-        row = run_variant(name, VARIANTS[name], args.minutes, args, args.steps) | {"minutes": args.minutes}
+        if args.budgeted:
+            row = run_budgeted(name, VARIANTS[name], args.minutes, args)
+        else:
+            row = run_variant(name, VARIANTS[name], args.minutes, args, args.steps) | {"minutes": args.minutes}
         rows.append(row)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -41,6 +41,8 @@ def test_attention_cpu():
 
 def test_experiments(bench_data):
     assert "vs default" in run_bench("experiments.py", "--tiny", "--only", "default", *bench_data)
+    out = run_bench("experiments.py", "--tiny", "--budgeted", "--only", "default", "before the speedrun", *bench_data)
+    assert "before the speedrun" in out.split("vs default")[1], out
 
 
 def test_tricks(bench_data, tmp_path):
