@@ -18,10 +18,11 @@ torchrun, Ctrl-C, the progress bar) sit beside it.
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
 128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
 a cross-entropy whose gradient is written out; the loss on every token for the first pass over the data,
-then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest, linear warmup then
-cosine decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
-autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
-checkpoints that resume (a step-based run bit-exactly without torch.compile), on CPU, CUDA or MPS.
+then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest (the embedding at 5x the
+rate), a short linear warmup then cosine decay, over the steps or over a time budget; one size dial
+(--depth), chosen for the device; bf16 autocast where the hardware has it (fp16 with loss scaling on older
+GPUs) and torch.compile; atomic checkpoints that resume (a step-based run bit-exactly without
+torch.compile), on CPU, CUDA or MPS.
 Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources; --knowledge PATH,
 which trains the model to read passages retrieved for each question (retrieval.py); --init_from, a fine-tune.
 chat_with_model.py imports the model and the chat format from here, so training and chatting agree.
@@ -948,8 +949,9 @@ def check_train_config(cfg):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 1 and not cfg.max_minutes:
         raise UserError(f"--max_steps must be at least 1 (or set --max_minutes), got {cfg.max_steps}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.warmup_steps < 0 or cfg.max_minutes < 0 or cfg.keep_last < 0:
-        raise UserError("--lr must be positive; --min_lr, --warmup_steps, --max_minutes, --keep_last non-negative")
+    if min(cfg.lr, cfg.embedding_lr_scale) <= 0 or min(cfg.min_lr, cfg.warmup_steps, cfg.max_minutes, cfg.keep_last) < 0:
+        raise UserError("--lr and --embedding_lr_scale must be positive; --min_lr, --warmup_steps, --max_minutes, "
+                        "--keep_last non-negative")
     if not 0 < cfg.decay_fraction <= 1:
         raise UserError(f"--decay_fraction must be above 0 and at most 1, got {cfg.decay_fraction}")
     if cfg.pretrain_data and not 0 < cfg.pretrain_fraction < 1:

@@ -346,6 +346,7 @@ def cli_error_cases(tmp_path, oasst_file):
         "bad device": (["--data", oasst_file, "--device", "tpu"], ["--device"]),
         "german only": (["--data", only_german], ["no usable training"]),
         "no decay": (["--data", oasst_file, "--decay_fraction", "0"], ["decay_fraction", "above 0"]),
+        "embedding rate": (["--data", oasst_file, "--embedding_lr_scale", "0"], ["--embedding_lr_scale must be"]),
         "too little data for the block": (["--data", json_array, "--block_size", "512"], ["too little data"]),
         "stage share": (["--data", oasst_file, "--pretrain_data", json_array, "--pretrain_fraction", "1"],
                         ["--pretrain_fraction must be between 0 and 1"]),
@@ -356,7 +357,7 @@ def cli_error_cases(tmp_path, oasst_file):
 
 CLI_ERROR_CASES = ["missing data", "empty data", "malformed line", "no match for language", "unknown language",
                    "heads", "block", "out_dir under a file", "out_dir is a file", "zero steps", "bad device",
-                   "german only", "no decay", "too little data for the block", "stage share", "missing knowledge"]
+                   "german only", "no decay", "embedding rate", "too little data for the block", "stage share", "missing knowledge"]
 
 
 @pytest.mark.parametrize("case", CLI_ERROR_CASES)
