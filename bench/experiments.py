@@ -137,6 +137,24 @@ def train(name, flags, setup, schedule, repo=REPO, folder="experiments"):
             "val_bpb": round(val["val_bpb"], 4), "val_loss": round(val["val_loss"], 4)}
 
 
+def record(row, results_path):
+    """Append a run's row to the results file and print it as the run ends."""
+    with open(results_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{row['name']:<24} {row['flags']:<45} steps {row['steps']:>5} tok/s {row['tok_s']:>6} "
+          f"val bpb {row['val_bpb']:.4f}", flush=True)
+    return row
+
+
+def print_table(rows, first_column):
+    """The rows side by side, each against the one named "default" when it ran."""
+    base = next((r["val_bpb"] for r in rows if r["name"] == "default"), None)
+    print(f"\n{first_column:<24} {'steps':>6} {'tok/s':>7} {'val bpb':>8} {'vs default':>11}")
+    for r in rows:
+        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
+        print(f"{r['name']:<24} {r['steps']:>6} {r['tok_s']:>7} {r['val_bpb']:>8.4f} {delta:>11}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget per variant")
@@ -155,16 +173,8 @@ def main():
             row = run_budgeted(name, VARIANTS[name], args.minutes, args)
         else:
             row = run_variant(name, VARIANTS[name], args.minutes, args, args.steps) | {"minutes": args.minutes}
-        rows.append(row)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{name:<22} {row['flags']:<45} steps {row['steps']:>5} tok/s {row['tok_s']:>6} "
-              f"val bpb {row['val_bpb']:.4f}", flush=True)
-    base = next((r["val_bpb"] for r in rows if r["name"] == "default"), None)
-    print(f"\n{'variant':<22} {'steps':>6} {'tok/s':>7} {'val bpb':>8} {'vs default':>11}")
-    for r in rows:
-        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
-        print(f"{r['name']:<22} {r['steps']:>6} {r['tok_s']:>7} {r['val_bpb']:>8.4f} {delta:>11}")
+        rows.append(record(row, results_path))
+    print_table(rows, "variant")
 
 
 if __name__ == "__main__":

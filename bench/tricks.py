@@ -15,7 +15,6 @@ become patches that take them out again. Runs go to runs/tricks/NAME; rows to be
 """
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -92,15 +91,8 @@ def main():
         source = patched_source(patch, Path(args.runs) / "tricks" / "src" / name.replace(" ", "_"))
         row = experiments.train(name, flags + (experiments.TINY_FLAGS if args.tiny else []), args,
                                 schedule, repo=source, folder="tricks")
-        rows.append(row)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{name:<24} steps {row['steps']:>4} tok/s {row['tok_s']:>6} val bpb {row['val_bpb']:.4f}", flush=True)
-    base = next((r["val_bpb"] for r in rows if r["name"] == "default"), None)
-    print(f"\n{'trick':<24} {'tok/s':>7} {'val bpb':>8} {'vs default':>11}")
-    for r in rows:
-        delta = f"{r['val_bpb'] - base:+.4f}" if base is not None else ""
-        print(f"{r['name']:<24} {r['tok_s']:>7} {r['val_bpb']:>8.4f} {delta:>11}")
+        rows.append(experiments.record(row, args.results))
+    experiments.print_table(rows, "trick")
 
 
 if __name__ == "__main__":
