@@ -793,7 +793,8 @@ def configure_optimizers(model, cfg, device):
     """A list of optimizers that together cover every parameter. AdamW decays matrices (embeddings and
     linear weights), never gains or biases. With --optimizer muon, the blocks' hidden matrices go to Muon
     (Jordan et al. 2024: orthogonalised momentum), with its step scaled to match AdamW's RMS (Liu et al.
-    2025) so the same learning rate and schedule apply; embeddings, gains and biases stay on AdamW."""
+    2025) so the same learning rate and schedule apply; embeddings, gains and biases stay on AdamW. The
+    tied embedding has a group of its own, whose rate the loop sets to --embedding_lr_scale times the rest."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if p.dim() == 2 and ".h." in f".{name}"] if cfg.optimizer == "muon" else []
     embedding = model.transformer.wte.weight  # also the output layer (tied)
@@ -949,7 +950,8 @@ def check_train_config(cfg):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 1 and not cfg.max_minutes:
         raise UserError(f"--max_steps must be at least 1 (or set --max_minutes), got {cfg.max_steps}")
-    if min(cfg.lr, cfg.embedding_lr_scale) <= 0 or min(cfg.min_lr, cfg.warmup_steps, cfg.max_minutes, cfg.keep_last) < 0:
+    negative = min(cfg.min_lr, cfg.warmup_steps, cfg.max_minutes, cfg.keep_last) < 0
+    if min(cfg.lr, cfg.embedding_lr_scale) <= 0 or negative:
         raise UserError("--lr and --embedding_lr_scale must be positive; --min_lr, --warmup_steps, --max_minutes, "
                         "--keep_last non-negative")
     if not 0 < cfg.decay_fraction <= 1:
