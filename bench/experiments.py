@@ -12,8 +12,8 @@ the variant's training throughput (bench/train_speed.py's worker, a few steps) a
 what fits; --max_minutes ends a run that is slower than measured (with --decay_fraction 1, the cosine
 schedule of these measurements, which predate the budgeted schedule). Compilation time counts against the
 budget, as it does for a user. --budgeted runs each as a user does instead: `--max_minutes M`, its
-warmup-stable-decay schedule following its own clock. Runs go to runs/experiments/NAME; results are appended to
-runs/experiments/results.jsonl and printed as a table.
+warmup-stable-decay schedule following its own clock. Runs go to runs/experiments/NAME; results are
+appended to runs/experiments/results.jsonl and printed as a table.
 """
 
 import argparse

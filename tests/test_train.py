@@ -357,7 +357,8 @@ def cli_error_cases(tmp_path, oasst_file):
 
 CLI_ERROR_CASES = ["missing data", "empty data", "malformed line", "no match for language", "unknown language",
                    "heads", "block", "out_dir under a file", "out_dir is a file", "zero steps", "bad device",
-                   "german only", "no decay", "embedding rate", "too little data for the block", "stage share", "missing knowledge"]
+                   "german only", "no decay", "embedding rate", "too little data for the block", "stage share",
+                   "missing knowledge"]
 
 
 @pytest.mark.parametrize("case", CLI_ERROR_CASES)
