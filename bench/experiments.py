@@ -56,10 +56,12 @@ VARIANTS = {
     "all tokens, then assistant 30%": ["--all_tokens_epochs", "0.88"],  # 30% of 6,800 steps
     "assistant tokens only": ["--all_tokens_epochs", "0"],
     "batch 16": ["--batch_size", "16"],
+    "batch 4": ["--batch_size", "4"],
     "2 heads": ["--n_head", "2"],
     "batch 16 + 2 heads": ["--batch_size", "16", "--n_head", "2"],
     "4 heads of 64 dims": ["--n_head", "4"],
     "4 layers x 512": ["--n_embd", "512", "--n_head", "4"],  # heads of 128 dims, as the default's
+    "warmup 10": ["--warmup_steps", "10"],
     "warmup 25": ["--warmup_steps", "25"],
     "warmup 300": ["--warmup_steps", "300"],
     "before the speedrun": ["--embedding_lr_scale", "1", "--warmup_steps", "100"],  # the default until 08ac099

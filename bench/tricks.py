@@ -58,6 +58,10 @@ TRICKS = {
     # Logits squashed into (-15, 15) by a tanh (Gemma 2; modded-nanogpt's later records).
     "logit soft-cap 15": ([(LOGITS, LOGITS + "        logits = 15 * torch.tanh(logits / 15)\n")], []),
     "warmup 100 steps (before)": ([], ["--warmup_steps", "100"]),
+    # Shorter warmups, and twice the peak learning rate, for the ~100 steps of a budget near the time to target.
+    "warmup 10 steps": ([], ["--warmup_steps", "10"]),
+    "warmup 5 steps": ([], ["--warmup_steps", "5"]),
+    "lr 2e-3": ([], ["--lr", "2e-3", "--min_lr", "2e-4"]),
 }
 
 
