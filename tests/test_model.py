@@ -369,6 +369,9 @@ def test_the_dial_picks_the_measured_sizes_and_single_flags_still_win(monkeypatc
     model_config, cfg, size_note = newgpt.configs_from_args(args)
     assert (model_config.n_layer, model_config.n_embd, model_config.n_head, cfg.batch_size) == (8, 256, 2, 16)
     assert cfg.max_steps == 50 and "(--n_head, --n_embd as given)" in size_note
+    monkeypatch.setattr(newgpt, "pick_device", lambda requested: "cpu")
+    model_config, _, _ = newgpt.configs_from_args(newgpt.parse_args(["--max_minutes", "2.5"]))
+    assert (model_config.n_layer, model_config.n_embd) == (2, 256), "a CPU budget under 3 minutes: 2 x 256"
 
 
 def test_seed_recipe_builds_the_original_model_and_optimizer_and_flags_still_win():

@@ -183,7 +183,7 @@ def test_the_chosen_size_is_printed(tmp_path, oasst_file, capsys):
     assert "depth 4, chosen for cpu and a 5-minute budget; --depth overrides" in out, out
     assert train_in_process(*data, *small, "--out_dir", tmp_path / "one", "--depth", "1") == 0
     out = capsys.readouterr().out
-    assert "model: 1 x 128 (" in out and "depth 1, from --depth (--block_size, --batch_size as given)" in out, out
+    assert "model: 1 x 256 (" in out and "depth 1, from --depth (--block_size, --batch_size as given)" in out, out
 
 
 @pytest.mark.slow
