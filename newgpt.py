@@ -174,10 +174,11 @@ BUDGET_DECAY_FRACTION = 0.4
 
 def size_for_depth(depth, device_type):
     """The size dial: --depth N sets blocks, width, heads, dropout, context and batch together. The width grows
-    by 64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims, the head size that
-    measured best, and is at least 256 (the narrowest width measured). From depth 12 (91M parameters, ten per training token) dropout holds off overfitting. The
-    learning rate stays: Muon scales each matrix's update to AdamW's size, and 1e-3 trained every depth
-    measured. CUDA doubles the context, for longer chats, at the same tokens per step; a CPU keeps 512."""
+    by 64 per block (nanochat's aspect ratio), rounded up to whole heads of 128 dims (the best head size),
+    at least two (the narrowest width measured). From depth 12 (91M parameters, ten per training token)
+    dropout holds off overfitting. The learning rate stays: Muon scales each matrix's update to AdamW's
+    size, and 1e-3 trained every depth measured. CUDA doubles the context, for longer chats, at the same
+    tokens per step; a CPU keeps 512."""
     n_head = max(2, (depth + 1) // 2)
     size = {"n_layer": depth, "n_head": n_head, "n_embd": 128 * n_head, "dropout": 0.1 if depth >= 12 else 0.0}
     if device_type == "cuda":
@@ -186,7 +187,8 @@ def size_for_depth(depth, device_type):
 
 
 def auto_depth(device_type, max_minutes):
-    """The depth measured best for the device and budget (bench/RESULTS.md, "Time budget and model size")."""
+    """The depth measured best for the device and budget (bench/RESULTS.md, "Time budget and model size";
+    on a CPU, "A smaller model for the shortest budgets")."""
     if device_type == "cuda":
         return 8 if 0 < max_minutes < 3 else 12
     return 2 if 0 < max_minutes < 3 else 4
