@@ -62,7 +62,7 @@ VARIANTS = {
     "4 heads of 64 dims": ["--n_head", "4"],
     "4 layers x 512": ["--n_embd", "512", "--n_head", "4"],  # heads of 128 dims, as the default's
     "depth 3": ["--depth", "3"],  # 3 layers x 256, the size dial's next size down on a CPU
-    "2 layers x 256": ["--n_layer", "2"],
+    "2 layers x 256": ["--n_layer", "2"],  # what auto_depth picks for a CPU budget under 3 minutes
     "warmup 10": ["--warmup_steps", "10"],
     "warmup 25": ["--warmup_steps", "25"],
     "warmup 300": ["--warmup_steps", "300"],
