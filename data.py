@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import unicodedata
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -373,6 +374,80 @@ def parse_langs(langs):
         raise UserError("--langs is empty: use codes such as en,de or 'all'")
     return set(codes)
 
+
+# -----------------------------------------------------------------------------
+# The teacher's answers (teacher.py): joined to the prompts they answer, rebuilt from the same sources
+
+
+def record_name(group):
+    """A conversation's group without the folder of its file ("dolly15k_en.jsonl.gz:12"): the same record,
+    whatever path reached it (an OASST tree id stays as it is)."""
+    head, sep, number = group.rpartition(":")
+    return f"{Path(head).name}:{number}" if sep and head and number.isdigit() else group
+
+
+def prompt_key(turns):
+    """What a teacher's answer is stored under: a hash of the (role, content) turns it answered, so that the
+    answers file holds no prompt text and a changed record no longer finds its answer."""
+    return hashlib.sha256(json.dumps([list(t) for t in turns], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def read_teacher_records(path):
+    """(records, intact) of an answers file: its JSON lines up to any chunk a kill cut short."""
+    records, intact = [], True
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                records.append(json.loads(line))
+    except (EOFError, gzip.BadGzipFile, zlib.error, ValueError):
+        intact = False  # the last chunk was being written: what came before it stands
+    except OSError as e:
+        raise UserError(f"cannot read the teacher's answers {path}: {e}")
+    return records, intact
+
+
+def teacher_answers(path):
+    """{key: answer} of an answers file's kept answers (its rejected prompts are there for resuming)."""
+    if not Path(path).is_file():
+        raise UserError(f"--teacher {path}: no such file (teacher.py writes it)")
+    records, _ = read_teacher_records(path)
+    if not records:
+        raise UserError(f"--teacher {path}: not a teacher answers file, or empty")
+    return {r["key"]: r["answer"] for r in records if isinstance(r, dict) and "answer" in r and "key" in r}
+
+
+def taught_turns(conversation, answers):
+    """A chat's user turns as the teacher is asked them: yields (position, prompt, key) per user turn, where
+    the prompt is the turns before it as the teacher answered them, then the user turn (and the context turn
+    after it); stops after the first turn the answers lack."""
+    items = [(t["role"], t["content"]) for t in conversation["turns"]]
+    turns = []
+    for i, (role, content) in enumerate(items):
+        if role == "system":
+            turns.append((role, content))
+        elif role == "user":
+            context = [items[i + 1]] if i + 1 < len(items) and items[i + 1][0] == "context" else []
+            prompt = turns + [(role, content)] + context
+            key = prompt_key(prompt)
+            yield i, prompt, key
+            if key not in answers:
+                return
+            turns = prompt + [("assistant", answers[key])]
+
+
+def as_taught(conversation, answers):
+    """A chat as the teacher answered it, up to the first user turn it did not answer; None if it answered none."""
+    taught = [prompt + [("assistant", answers[key])] for _, prompt, key in taught_turns(conversation, answers)
+              if key in answers]
+    return make_conversation(taught[-1], conversation["group"]) if taught else None
+
+
+def teacher_conversations(conversations, path):
+    """The chats the teacher answered, as their own source (named by the answers file, so that
+    --teacher PATH:WEIGHT weights them)."""
+    answers = teacher_answers(path)
+    taught = (as_taught(c, answers) for c in conversations)
+    return [c | {"source": str(path)} for c in taught if c is not None]
 
 # -----------------------------------------------------------------------------
 # train_texts.json: built from the sources once, reused while they match

@@ -26,11 +26,12 @@ import random
 import re
 import sqlite3
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import (asks_a_holdout_question, is_streamed, make_conversation, question_words, read_holdout,
-                  read_records, stream_records)
+from data import (asks_a_holdout_question, is_streamed, make_conversation, prompt_key, question_words,
+                  read_holdout, read_records, read_teacher_records, record_name, stream_records)
 from runtime import UserError, remove_stale_temp_files, temp_path
 
 # Three passages of about 250 characters: as many bench answers as three of 400, in 30 fewer tokens of the
@@ -39,7 +40,7 @@ PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 3
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
 MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
-INDEX_FORMAT = "tinygpt-fts5-v1"
+INDEX_FORMAT = "tinygpt-fts5-v2"
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 # -----------------------------------------------------------------------------
@@ -90,10 +91,15 @@ def cut_passages(text, size=PASSAGE_CHARS):
     return [p[:2 * size] for p in pieces]
 
 
+def record_id(source, number):
+    """A record's name in the index: its file's name (not the path that reached it) and its line number."""
+    return f"{Path(str(source)).name}:{number}"
+
+
 def record_passages(record, source, number, size=PASSAGE_CHARS):
     """A document {"text"} -> its passages under its title (a short first line); a Q/A pair {"instruction",
     "response"} -> one passage titled by its question; a record with a "context" adds that context."""
-    doc = f"{source}:{number}"
+    doc = record_id(source, number)
     if not isinstance(record, dict):
         return []
     if "instruction" in record and "response" in record:
@@ -318,7 +324,7 @@ def with_passages(conversation, index, rng, k=PASSAGES_PER_ANSWER):
     if "context" in roles or "user" not in roles or rng.random() < NO_PASSAGES_SHARE:
         return conversation
     first = roles.index("user")
-    passages = index.search(turns[first]["content"], k, exclude_doc=conversation.get("group"))
+    passages = index.search(turns[first]["content"], k, exclude_doc=record_name(conversation.get("group", "")))
     if not passages:
         return conversation
     context = {"role": "context", "content": format_passages(passages)}
@@ -333,29 +339,60 @@ def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
     rng.shuffle(records)
     conversations = []
     for number, record in records[:3 * n]:  # about half hold their answer; the cap bounds the searching
-        question, answer, doc = record["instruction"], record["response"], f"{source}:{number}"
+        question, answer, doc = record["instruction"], record["response"], record_id(source, number)
         passages = index.search(question, k, exclude_doc=doc)
         if answer_in(passages, question, answer):
-            turns = [("user", question), ("context", format_passages(passages)), ("assistant", answer)]
-            conversations.append(make_conversation(turns, doc) | {"source": f"reading:{Path(source).name}"})
+            conversations.append(reading_conversation(question, passages, answer, doc))
             if len(conversations) == n:
                 break
     return conversations
 
 
-def add_passages(texts, knowledge, holdout_files, seed, log=print):
+def reading_conversation(question, passages, answer, doc):
+    turns = [("user", question), ("context", format_passages(passages)), ("assistant", answer)]
+    return make_conversation(turns, doc) | {"source": f"reading:{doc.rpartition(':')[0]}"}
+
+
+def taught_reading_questions(knowledge, index, path, k=PASSAGES_PER_ANSWER):
+    """The reading questions the teacher answered (teacher.py), each rebuilt from its record with passages
+    retrieved again: one whose record or passages changed since no longer matches its key, and is left out."""
+    wanted = defaultdict(dict)  # file name -> {record number: teacher record}
+    for r in read_teacher_records(path)[0]:
+        if r.get("kind") == "reading" and "answer" in r:
+            name, _, number = r["record"].rpartition(":")
+            wanted[name][int(number)] = r
+    conversations = []
+    for source in (f for f in source_files(knowledge) if not isinstance(f, str) and f.name in wanted):
+        for number, record in enumerate(read_records(source)):
+            taught = wanted[source.name].get(number)
+            if taught is None or not isinstance(record, dict) or not record.get("instruction"):
+                continue
+            doc = record_id(source, number)
+            passages = index.search(record["instruction"], k, exclude_doc=doc)
+            conversation = reading_conversation(record["instruction"], passages, taught["answer"], doc)
+            if prompt_key([(t["role"], t["content"]) for t in conversation["turns"][:2]]) == taught["key"]:
+                conversations.append(conversation)
+    return conversations
+
+
+def add_passages(texts, knowledge, holdout_files, seed, teacher="", log=print):
     """train_texts.json's training conversations, taught to read: chats get passages (or none), and Q/A pairs
-    of the knowledge sources come with the passages that answer them. Validation stays as it was."""
+    of the knowledge sources come with the passages that answer them, answered by the record's own response
+    or, given the teacher's answers, by the teacher (only those it answered: the records' own answers carry
+    WordNet's "The word X means" into chat). Validation stays as it was."""
     from tqdm import tqdm
     index, holdout = open_index(knowledge, holdout_files, log=log), read_holdout(holdout_files)
     rng = random.Random(seed)
     started = time.time()
     chats = tqdm(texts["train"], desc="passages for chats", unit="chat", disable=log is None, mininterval=2)
     train = [with_passages(c, index, rng) for c in chats]
-    files = tqdm([f for f in source_files(knowledge) if not isinstance(f, str)], desc="reading questions",
-                 unit="file", disable=log is None)
-    reading = [c for source in files
-               for c in reading_questions(source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE)]
+    if teacher:
+        reading = taught_reading_questions(knowledge, index, teacher)
+    else:
+        files = tqdm([f for f in source_files(knowledge) if not isinstance(f, str)], desc="reading questions",
+                     unit="file", disable=log is None)
+        reading = [c for source in files
+                   for c in reading_questions(source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE)]
     if log:
         n_with = sum(any(t["role"] == "context" for t in c["turns"]) for c in train)
         log(f"knowledge: passages for {n_with:,} of {len(train):,} chats, {len(reading):,} reading questions "
