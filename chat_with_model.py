@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from data import HOLDOUT_FILES, make_conversation
-from newgpt import (KVCache, autocast_context, load_checkpoint, pick_device, pick_dtype, render_conversations,
-                    token_bytes)
+from newgpt import (KVCache, autocast_context, load_checkpoint, pick_device, pick_dtype, reads_passages,
+                    render_conversations, token_bytes)
 from retrieval import conversation_query, format_passages, open_index
 from runtime import UserError, default_checkpoint
 
@@ -550,8 +550,8 @@ def load_chat(args):
     dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
     index = None
     if args.knowledge:
-        if tokenizer.token_to_id("<|context|>") is None:
-            raise UserError(f"{path} was not trained to read passages (its tokenizer has no <|context|>); "
+        if not reads_passages(ckpt):
+            raise UserError(f"{path} was not trained to read passages, so --knowledge would only confuse it; "
                             f"train or fine-tune one with newgpt.py --knowledge PATH")
         index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
     chat = Chat(model.eval(), tokenizer, sampling, device, dtype, index)

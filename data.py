@@ -245,20 +245,25 @@ def is_usable(conversation):
     return roles == {"text"} or {"user", "assistant"} <= roles
 
 
+DATASET_ID = re.compile(r"(?P<id>[\w.-]+/[\w.-]+)(:(?P<config>[\w.-]*[A-Za-z_][\w.-]*))?")  # a config is not a weight
+
+
 def is_streamed(spec):
-    """Knowledge sources that stream instead of loading: a dataset folder, or a Hugging Face dataset id."""
+    """Knowledge sources that stream instead of loading: a dataset folder, or a Hugging Face dataset id with
+    an optional config ("wikimedia/wikipedia:20231101.simple")."""
     path = Path(spec)
-    return path.is_dir() or (not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None)
+    return path.is_dir() or (not path.exists() and DATASET_ID.fullmatch(spec) is not None)
 
 
 def stream_records(spec, split="train"):
-    """The records of a Hugging Face dataset id or a local dataset folder, one at a time (datasets'
-    streaming=True): a corpus larger than memory is never held whole."""
+    """The records of a Hugging Face dataset id (ID or ID:CONFIG) or a local dataset folder, one at a time
+    (datasets' streaming=True): a corpus larger than memory is never held whole."""
+    name, config = (spec, None) if Path(spec).is_dir() else DATASET_ID.fullmatch(spec).group("id", "config")
     if not Path(spec).is_dir() and not hub_reachable():
         raise UserError(f"the Hugging Face hub is unreachable, so {spec} cannot be streamed; pass local files")
     try:
         import datasets
-        yield from datasets.load_dataset(spec, split=split, streaming=True)
+        yield from datasets.load_dataset(name, config, split=split, streaming=True)
     except UserError:
         raise
     except Exception as e:
@@ -485,6 +490,8 @@ def build_texts(cfg):
     kept = [[c for c in split if not asks_a_holdout_question(c, holdout)] for split in (train, pretrain)]
     held_out = len(train) + len(pretrain) - len(kept[0]) - len(kept[1])
     train, pretrain = kept
+    if cfg.teacher:
+        train += teacher_conversations(train, split_weight(cfg.teacher)[0])
     if not train:
         raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
                         f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")
@@ -497,6 +504,13 @@ def build_texts(cfg):
     return texts | {"sha256": texts_hash(texts)}
 
 
+def file_digest(path):
+    """A file by name and content: the texts are rebuilt when either changes."""
+    if not Path(path).is_file():
+        raise UserError(f"no such file: {path}")
+    return [str(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+
+
 def build_options(cfg):
     """What train_texts.json depends on: a file built with other options is rebuilt."""
     def sources(specs):  # weights only change how often rows are drawn, not the texts
@@ -505,7 +519,8 @@ def build_options(cfg):
     holdout = [content_hash(Path(p).read_text()) if Path(p).is_file() else p for p in cfg.holdout]
     return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
             "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout,
-            **({"knowledge": split_weight(cfg.knowledge)[0]} if cfg.knowledge else {})}
+            **({"knowledge": split_weight(cfg.knowledge)[0]} if cfg.knowledge else {}),
+            **({"teacher": file_digest(split_weight(cfg.teacher)[0])} if cfg.teacher else {})}
 
 
 def is_texts_file(texts):

@@ -107,6 +107,9 @@ class TrainConfig:
         "help": "teach the model to read: chats get passages retrieved from this knowledge file, folder or "
                 "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them "
                 "(PATH:WEIGHT weights those reading questions as --data weights a source)"})
+    teacher: str = field(default="", metadata={
+        "help": "a teacher's answers (teacher.py): the chats and reading questions it answered join the data "
+                "as their own source (PATH:WEIGHT as for --data); with --knowledge, only its reading questions"})
     init_from: str = field(default="", metadata={
         "help": "start from this checkpoint's weights and tokenizer with a fresh optimizer and schedule (a "
                 "fine-tune); its vocabulary gains any chat-format token it lacks"})
@@ -618,7 +621,7 @@ def load_or_build_data(cfg, vocab_size, resumed):
     """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
     (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
-                                      holdout_files=cfg.holdout, seed=cfg.seed)
+                                      holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0])
     texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
@@ -685,7 +688,8 @@ def packed_splits(data, block_size, cfg):
     token; None without --pretrain_data) and validation rows (always the assistant's tokens)."""
     reading = [f"{source}:{split_weight(cfg.knowledge)[1]}" for source, _, _ in data.arrays["train"]
                if source.startswith("reading:")]
-    train_rows = mixed_rows(data.arrays["train"], cfg.data + reading, block_size, cfg.loss_on, cfg.seed)
+    taught = [cfg.teacher] if cfg.teacher else []
+    train_rows = mixed_rows(data.arrays["train"], cfg.data + reading + taught, block_size, cfg.loss_on, cfg.seed)
     knowledge_rows = mixed_rows(data.arrays["pretrain"], cfg.pretrain_data, block_size, "all", cfg.seed)
     (_, val_ids, val_mask), = data.arrays["val"]
     val_rows = PackedRows(val_ids, val_mask, block_size, "assistant", data.tokenizer.token_to_id("<|pad|>"))
@@ -936,6 +940,11 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), tokenizer, ckpt
 
 
+def reads_passages(ckpt):
+    """Whether a checkpoint's model trained on passages (--knowledge), itself or the model it started from."""
+    return bool(ckpt.get("reads_passages", ckpt.get("train_config", {}).get("knowledge")))
+
+
 def make_release(source, out_dir):
     """Make the newest checkpoint of a run (or a checkpoint file) the release model in out_dir."""
     _, _, ckpt = load_checkpoint(source)  # refuses a damaged checkpoint or a tokenizer that does not match
@@ -980,6 +989,7 @@ class Run:
     scaler: torch.amp.GradScaler  # fp16's loss scaler; switched off (a no-op) for bf16 and fp32
     resumed: dict  # where the checkpoint resumed from left off: step, stage, time, last evaluation ({}: none)
     log: object  # print on rank 0, nothing on the others
+    reads_passages: bool  # trained on retrieved passages, now or in the model it started from
 
     @property
     def master(self):
@@ -1024,7 +1034,8 @@ def start_run(cfg, model_config, size_note):
     resumed = {"step": ckpt["step"], "chat_start_step": ckpt.get("chat_start_step", 0),  # None: knowledge stage
                "elapsed_s": ckpt.get("elapsed_s", 0.0), "val_loss": ckpt.get("val_loss"),
                "val_bpb": ckpt.get("val_bpb")} if ckpt else {}
-    return Run(cfg, device, ctx, rank, world_size, data, model, trained, optimizers, scaler, resumed, log)
+    reads = bool(cfg.knowledge) or bool(source and reads_passages(source))
+    return Run(cfg, device, ctx, rank, world_size, data, model, trained, optimizers, scaler, resumed, log, reads)
 
 
 def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
@@ -1144,7 +1155,8 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
                 bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             if run.master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(run.model, run.optimizers, run.scaler, cfg, run.data, step, **last_eval,
-                                         elapsed_s=budget.elapsed(), chat_start_step=chat_start)
+                                         elapsed_s=budget.elapsed(), chat_start_step=chat_start,
+                                         reads_passages=run.reads_passages)
                 saved = save_checkpoint(state, cfg.out_dir, cfg.keep_last)
             if last_step or stopping:
                 break

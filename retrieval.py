@@ -21,6 +21,7 @@ The passages reach the model as a context turn of the chat format (newgpt.py): <
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,8 +31,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import (asks_a_holdout_question, is_streamed, make_conversation, prompt_key, question_words,
-                  read_holdout, read_records, read_teacher_records, record_name, stream_records)
+from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_conversation, prompt_key,
+                  question_words, read_holdout, read_records, read_teacher_records, record_name, stream_records)
 from runtime import UserError, remove_stale_temp_files, temp_path
 
 # Three passages of about 250 characters: as many bench answers as three of 400, in 30 fewer tokens of the
@@ -40,7 +41,10 @@ PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 3
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
 MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
-INDEX_FORMAT = "tinygpt-fts5-v2"
+CANDIDATES = 30  # BM25's best, rescored on every query word
+# The documents a query names by title (at most 3 per name), and how far into each they are read.
+TITLED_DOCS, DOCS_PER_TITLE, PASSAGES_PER_TITLED_DOC = 6, 3, 30
+INDEX_FORMAT = "tinygpt-fts5-v3"
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 # -----------------------------------------------------------------------------
@@ -108,7 +112,9 @@ def record_passages(record, source, number, size=PASSAGE_CHARS):
         return passages + [Passage("", text, source, doc) for text in cut_passages(context, size)]
     text = (record.get("text") or "").strip()
     title, _, body = text.partition("\n")
-    if not body.strip() or len(title) > 100:
+    if isinstance(record.get("title"), str):  # Wikipedia's schema on the hub: {"id", "url", "title", "text"}
+        title, body = record["title"], text
+    elif not body.strip() or len(title) > 100:
         title, body = "", text
     return [Passage(title.strip(), piece, source, doc) for piece in cut_passages(body, size)]
 
@@ -126,12 +132,14 @@ def cache_dir():
 
 
 def fingerprint(files, holdout_files, passage_chars):
-    """What the index depends on: each source's path, size and modification time (a changed source
-    rebuilds), the holdout questions it keeps out, and the passage length."""
+    """What the index depends on, and its name in the cache: each source's file name, size and modification
+    time (a changed source builds a new index), the holdout questions it keeps out, and the passage length.
+    No path is part of it, so two paths to the same files share one index."""
     def stat(f):
-        return [str(Path(f).resolve()), os.path.getsize(f), os.path.getmtime(f)] if Path(f).is_file() else [str(f)]
+        return [Path(f).name, os.path.getsize(f), os.stat(f).st_mtime_ns] if Path(f).is_file() else [str(f)]
+    holdout = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in holdout_files if Path(f).is_file()]
     parts = {"format": INDEX_FORMAT, "passage_chars": passage_chars, "sources": [stat(f) for f in files],
-             "holdout": [stat(f) for f in holdout_files]}
+             "holdout": holdout}
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -140,34 +148,134 @@ def query_words(text):
     return sorted(question_words(text))
 
 
-def fts_match(words):
-    """OR-ed terms: BM25 ranks passages by how many they hold and how rare each is. Quoting makes every word
-    a plain term, so user text never becomes FTS5 syntax."""
-    return " OR ".join(f'"{w}"' for w in words)
+def fts_match(terms):
+    """OR-ed terms (words or phrases): BM25 ranks passages by how many they hold and how rare each is.
+    Quoting makes each a plain term or phrase, so user text never becomes FTS5 syntax."""
+    return " OR ".join('"{}"'.format(t.replace('"', "")) for t in terms)
+
+
+def title_key(title):
+    """A title as the words a question would name it by: "Stockholm (Capital of Sweden)" -> "stockholm"."""
+    return " ".join(re.findall(r"[a-z0-9]+", re.sub(r"\s*\(.*$", "", title.lower())))
+
+
+def plain_words(text):
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+QUESTION_OPENERS = frozenset("what who whom whose when where which why how is are was were did do does can".split())
+ARITHMETIC_WORDS = frozenset("time plu minu divided multiplied sum product square squared root half".split())  # as question_words
+
+
+def named_phrases(query):
+    """The names a query spells with capitals, of two words or more ("World War II", "The Starry Night",
+    "Pride and Prejudice"): searched as phrases, so that "II" or "Night" alone does not decide the search."""
+    tokens = re.findall(r"[A-Za-z0-9][A-Za-z0-9'.-]*", query)
+    spans, current = [], []
+    for i, token in enumerate(tokens):
+        named = (token[0].isupper() or token[0].isdigit()) and not (i == 0 and token.lower() in QUESTION_OPENERS)
+        joins = (current and token.lower() in ("of", "the", "and") and i + 1 < len(tokens)
+                 and tokens[i + 1][0].isupper())
+        if named or joins:
+            current.append(token.lower().rstrip("."))
+            continue
+        spans.append(current)
+        current = []
+    spans.append(current)
+    return [" ".join(span) for span in (s[1:] if s[:1] == ["the"] else s for s in spans) if len(span) > 1]
+
+
+def word_pairs(query):
+    """Neighbouring content words, with up to two function words between ("largest country", "king of
+    the jungle"): rarer as phrases than their words are alone."""
+    tokens = plain_words(query)
+    pairs = []
+    for i, token in enumerate(tokens):
+        j = i + 1
+        while j < len(tokens) and j - i <= 2 and tokens[j] in FUNCTION_WORDS:
+            j += 1
+        if token not in FUNCTION_WORDS and j < len(tokens) and tokens[j] not in FUNCTION_WORDS:
+            pairs.append(" ".join(tokens[i:j + 1]))
+    return pairs
+
+
+def title_phrases(query, longest=5):
+    """Every run of up to `longest` words of the query that is not only function words: the titles a
+    question may name ("world war ii", "france", "the starry night")."""
+    tokens = plain_words(query)
+    return {" ".join(tokens[i:i + n]) for n in range(1, longest + 1) for i in range(len(tokens) - n + 1)
+            if not all(t in FUNCTION_WORDS for t in tokens[i:i + n])}
 
 
 class KnowledgeIndex:
     """An FTS5 index of passages: search(query, k) for the chat, and is_about(passages, query) for its
-    decoding. Only search and count read the database: a BM25 server (Elasticsearch, OpenSearch) would
-    replace those two."""
+    decoding. Searching has two stages: BM25 over the query's rare words and phrases, and the passages of
+    documents whose title the query names; then every candidate is scored on all the query's words (the
+    common ones too), on its title, and on its phrases, and each document and title is shown once."""
 
     def __init__(self, path, common_fraction=COMMON_FRACTION, max_words=MAX_QUERY_WORDS):
         self.path, self.common_fraction, self.max_words = Path(path), common_fraction, max_words
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         self.n_passages = self.db.execute("SELECT value FROM meta WHERE key = 'passages'").fetchone()[0]
-        self.counts = {}  # word -> how many passages hold it
+        self.counts = {}  # word or phrase -> how many passages hold it
 
     def search(self, query, k=PASSAGES_PER_ANSWER, exclude_doc=None):
-        """The k best passages for a query, best first (none for a query without content words).
-        exclude_doc leaves one record's own passages out (training's leave-one-out)."""
-        words = self.rare_words(query_words(query))
-        if not words or k <= 0:
+        """The k best passages for a query, best first, one per document and title (none for a query
+        without content words, or for arithmetic, which no passage answers). exclude_doc leaves one
+        record's own passages out (training's leave-one-out)."""
+        words = query_words(query)
+        if k <= 0 or not words or all(w.isdigit() or w in ARITHMETIC_WORDS for w in words):
+            return []
+        phrases = [p for p in dict.fromkeys(named_phrases(query) + word_pairs(query))
+                   if 0 < self.count(p) and not self.is_common(p)]
+        named = title_phrases(query)
+        candidates = self.bm25(self.rare_words(words) + phrases, CANDIDATES, exclude_doc)
+        candidates += self.titled(named, exclude_doc)
+        # A tie goes to a document's first passage (which says what the title is), then to BM25's order.
+        ranked = sorted(candidates, key=lambda c: (-self.score(c[0], words, phrases, named), c[1] > 0))
+        return shown_once([passage for passage, _ in ranked], k)
+
+    def bm25(self, terms, n, exclude_doc):
+        """[(passage, its position in its document)]: BM25's n best for the terms."""
+        if not terms:
             return []
         # Ranked through FTS5's rank column, not ORDER BY bm25(...): the same passages in half the time.
         rows = self.db.execute(
-            "SELECT title, text, source, doc FROM passages WHERE passages MATCH ? AND rank MATCH 'bm25(2.0, 1.0)' "
-            "AND doc IS NOT ? ORDER BY rank LIMIT ?", (fts_match(words), exclude_doc, k)).fetchall()
-        return [Passage(*row) for row in rows]
+            "SELECT title, text, source, passages.doc, passages.rowid - docs.first FROM passages JOIN docs "
+            "ON docs.doc = passages.doc WHERE passages MATCH ? AND rank MATCH 'bm25(2.0, 1.0)' "
+            "AND passages.doc IS NOT ? ORDER BY rank LIMIT ?", (fts_match(terms), exclude_doc, n)).fetchall()
+        return [(Passage(*row[:4]), row[4]) for row in rows]
+
+    def titled(self, named, exclude_doc):
+        """[(passage, position)] of the documents whose title the query names, the longest names first,
+        unless a name is only common words ("country", "world"): "When did World War II end?" reads World
+        War II, not every "II"."""
+        keys = sorted((key for key in named if not all(self.is_common(w) for w in question_words(key))),
+                      key=lambda key: -len(key.split()))
+        docs = []
+        for key in keys:
+            docs += self.db.execute("SELECT doc, first, last FROM titles JOIN docs USING (doc) WHERE key = ? "
+                                    "AND doc IS NOT ? LIMIT ?", (key, exclude_doc, DOCS_PER_TITLE)).fetchall()
+        candidates = []
+        for _, first, last in docs[:TITLED_DOCS]:
+            rows = self.db.execute("SELECT title, text, source, doc FROM passages WHERE rowid BETWEEN ? AND ?",
+                                   (first, min(last, first + PASSAGES_PER_TITLED_DOC - 1))).fetchall()
+            candidates += [(Passage(*row), position) for position, row in enumerate(rows)]
+        return candidates
+
+    def score(self, passage, words, phrases, named):
+        """Every query word the passage holds, by its rarity, again if its title holds it and a third time
+        if the query names the title whole ("Egypt", not "Thebes, Egypt"), and each phrase it holds, by
+        the phrase's rarity."""
+        key = title_key(passage.title)
+        text, title = question_words(passage.text), question_words(key)
+        exact = key in named
+        plain = " ".join(plain_words(f"{passage.title} {passage.text}"))
+        return (sum(self.idf(w) * ((w in text or w in title) + (w in title) * (1 + exact)) for w in words)
+                + sum(self.idf(p) for p in phrases if f" {p} " in f" {plain} "))
+
+    def idf(self, term):
+        return math.log(1 + self.n_passages / (1 + self.count(term)))
 
     def rare_words(self, words):
         """The max_words rarest words, none found in more than common_fraction of the passages ("known",
@@ -177,15 +285,15 @@ class KnowledgeIndex:
         rare = [w for w in rarest if not self.is_common(w)][:self.max_words]
         return rare or rarest[:1]
 
-    def count(self, word):
-        """How many passages hold the word."""
-        if word not in self.counts:
-            self.counts[word] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
-                                                (fts_match([word]),)).fetchone()[0]
-        return self.counts[word]
+    def count(self, term):
+        """How many passages hold the word or phrase."""
+        if term not in self.counts:
+            self.counts[term] = self.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?",
+                                                (fts_match([term]),)).fetchone()[0]
+        return self.counts[term]
 
-    def is_common(self, word):
-        return self.count(word) > self.common_fraction * self.n_passages
+    def is_common(self, term):
+        return self.count(term) > self.common_fraction * self.n_passages
 
     def is_about(self, passages, query):
         """Whether one passage holds every word of the query but the common ones ("used", "people"). Only
@@ -199,36 +307,67 @@ class KnowledgeIndex:
         self.db.close()
 
 
-def write_index(path, files, holdout, passage_chars, key, log):
-    """Read every record, cut passages, and write them into a new FTS5 database at path."""
+def shown_once(ranked, k):
+    """The first k passages that repeat no document, title or text already shown: "Inch" and "Inch (Unit
+    of length)" are one source to the reader, and so is an article's summary filed again as a Q/A answer."""
+    shown, seen = [], set()
+    for p in ranked:
+        names = {p.doc, title_key(p.title) or p.doc, " ".join(plain_words(p.text)[:12])}
+        if not names & seen:
+            shown.append(p)
+            seen |= names
+            if len(shown) == k:
+                break
+    return shown
+
+
+def write_index(path, spec, files, holdout, passage_chars, key, log):
+    """Read every record, cut passages, and write them into a new FTS5 database at path, with each
+    document's rowid range and its title (a question's title is not one: it names no document)."""
     from tqdm import tqdm
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
     # Porter stemming: "painted" finds "painting"; unicode61 folds case and diacritics.
     db.execute("CREATE VIRTUAL TABLE passages USING fts5(title, text, source UNINDEXED, doc UNINDEXED, "
                "tokenize = 'porter unicode61 remove_diacritics 2')")
+    db.execute("CREATE TABLE docs (doc TEXT PRIMARY KEY, first INTEGER, last INTEGER)")
+    db.execute("CREATE TABLE titles (key TEXT, doc TEXT)")
     n_passages, n_held_out = 0, 0
     with tqdm(total=len(files), unit="file", desc="indexing", disable=log is None) as bar:
         for source in files:
-            rows = []
+            rows, docs, titles = [], [], []
             for number, record in enumerate(records_of(source)):
                 if asks_holdout(record, holdout):
                     n_held_out += 1
                     continue
                 passages = record_passages(record, str(source), number, passage_chars)
-                rows += [(p.title, p.text, p.source, p.doc) for p in passages]
+                if not passages:
+                    continue
+                first = n_passages + len(rows) + 1  # rowids of a fresh table count from 1
+                rows += [(first + i, p.title, p.text, p.source, p.doc) for i, p in enumerate(passages)]
+                docs.append((passages[0].doc, first, first + len(passages) - 1))
+                name = title_key(passages[0].title)
+                if name and not passages[0].title.rstrip().endswith("?"):
+                    titles.append((name, passages[0].doc))
                 if len(rows) >= 10_000:  # in batches: a streamed dataset may not fit in memory
-                    db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
-                    n_passages, rows = n_passages + len(rows), []
-            db.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", rows)
-            n_passages += len(rows)
+                    n_passages += write_rows(db, rows, docs, titles)
+                    rows, docs, titles = [], [], []
+            n_passages += write_rows(db, rows, docs, titles)
             bar.update(1)
+    db.execute("CREATE INDEX titles_key ON titles (key)")
     db.execute("INSERT INTO passages(passages) VALUES ('optimize')")
     db.executemany("INSERT INTO meta VALUES (?, ?)", [("fingerprint", key), ("passages", n_passages),
-                                                      ("held_out", n_held_out)])
+                                                      ("held_out", n_held_out), ("spec", spec)])
     db.commit()
     db.close()
     return n_passages, n_held_out
+
+
+def write_rows(db, rows, docs, titles):
+    db.executemany("INSERT INTO passages (rowid, title, text, source, doc) VALUES (?, ?, ?, ?, ?)", rows)
+    db.executemany("INSERT OR IGNORE INTO docs VALUES (?, ?, ?)", docs)
+    db.executemany("INSERT INTO titles VALUES (?, ?)", titles)
+    return len(rows)
 
 
 def is_usable_index(path, key):
@@ -236,40 +375,87 @@ def is_usable_index(path, key):
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
             db.execute("SELECT count(*) FROM passages WHERE passages MATCH '\"a\"'").fetchone()
+            db.execute("SELECT count(*) FROM titles").fetchone()
         return stored.get("fingerprint") == key
     except sqlite3.DatabaseError:
         return False
 
 
+@contextlib.contextmanager
+def build_lock(path, log):
+    """One builder at a time per index: a second process waits for the first, then opens what it built."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"knowledge: another process is building {path.name}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def spec_name(spec):
+    """A knowledge path as one string whatever path reached it (a dataset id as it is)."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
 def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
     """The index for a knowledge path or dataset id, built on first use (a progress bar, then one line) and
-    reopened from the cache later. A stale or damaged cache file is rebuilt; log=None builds silently."""
+    reopened from the cache later. Its name is its fingerprint, so a changed source builds a new file and
+    the old one stays usable until the new one is complete; a damaged file is rebuilt. log=None is silent."""
     files = source_files(spec)
     key = fingerprint(files, holdout_files, passage_chars)
-    name = hashlib.sha256(f"{Path(spec).resolve()}:{passage_chars}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"knowledge-{name}.sqlite"
-    if not is_usable_index(path, key):
-        if path.exists() and log:
-            log(f"knowledge: the index {path} is stale or damaged; rebuilding it")
-        started = time.time()
-        remove_stale_temp_files(path.parent, of=path.name)  # an earlier build that was killed: 100s of MB
-        tmp = temp_path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.unlink(missing_ok=True)
-            n_passages, n_held_out = write_index(tmp, files, read_holdout(holdout_files), passage_chars, key, log)
-            os.replace(tmp, path)
-        except (sqlite3.Error, OSError) as e:
-            raise UserError(f"could not write the knowledge index {path} ({e}); set XDG_CACHE_HOME to a "
-                            f"writable folder")
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-        if log:
-            log(f"knowledge: indexed {n_passages:,} passages from {len(files)} sources in "
-                f"{time.time() - started:.0f}s ({path.stat().st_size / 2**20:.0f} MB, {path}); "
-                f"{n_held_out} Q/A pairs asking a bench question left out")
+    path = cache_dir() / f"knowledge-{key[:16]}.sqlite"
+    if is_usable_index(path, key):
+        return KnowledgeIndex(path)
+    try:
+        with build_lock(path, log):
+            if not is_usable_index(path, key):  # built while this process waited
+                build_index(path, spec_name(spec), files, holdout_files, passage_chars, key, log)
+    except OSError as e:
+        raise UserError(f"could not write the knowledge index {path} ({e}); set XDG_CACHE_HOME to a "
+                        f"writable folder")
     return KnowledgeIndex(path)
+
+
+def remove_older_indexes(path, spec):
+    """Delete the indexes built before from the same knowledge path: each is hundreds of MB. (A chat still
+    reading one keeps its open file until it ends.)"""
+    for other in path.parent.glob("knowledge-*.sqlite"):
+        if other != path:
+            with contextlib.suppress(sqlite3.Error, OSError), \
+                    contextlib.closing(sqlite3.connect(f"file:{other}?mode=ro", uri=True)) as db:
+                if dict(db.execute("SELECT key, value FROM meta").fetchall()).get("spec") == spec:
+                    other.unlink()
+
+
+def build_index(path, spec, files, holdout_files, passage_chars, key, log):
+    """Write the index beside its final name and rename it into place: a build killed midway leaves nothing
+    half-written under the name."""
+    if path.exists() and log:
+        log(f"knowledge: the index {path} is damaged; rebuilding it")
+    started = time.time()
+    remove_stale_temp_files(path.parent)  # earlier builds that were killed: 100s of MB each
+    tmp = temp_path(path)
+    try:
+        tmp.unlink(missing_ok=True)
+        n_passages, n_held_out = write_index(tmp, spec, files, read_holdout(holdout_files), passage_chars, key, log)
+        os.replace(tmp, path)
+        remove_older_indexes(path, spec)
+    except sqlite3.Error as e:
+        raise OSError(str(e)) from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    if log:
+        log(f"knowledge: indexed {n_passages:,} passages from {len(files)} sources in "
+            f"{time.time() - started:.0f}s ({path.stat().st_size / 2**20:.0f} MB, {path}); "
+            f"{n_held_out} Q/A pairs asking a bench question left out")
 
 # -----------------------------------------------------------------------------
 # What the model sees

@@ -312,7 +312,7 @@ def release_state(ckpt):
             converted[key] = t.to(torch.bfloat16) if t.is_floating_point() else t
         weights[name] = converted[key]
     kept = ("model_config", "train_config", "step", "elapsed_s", "val_loss", "val_bpb", "tokenizer",
-            "texts_sha256", "chat_start_step")
+            "texts_sha256", "chat_start_step", "reads_passages")
     return {"model": weights, **{key: ckpt[key] for key in kept if key in ckpt}}
 
 

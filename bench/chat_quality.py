@@ -297,8 +297,8 @@ def main():
     rows = []
     for path in args.checkpoints:
         try:
-            _, tokenizer, _ = newgpt.load_checkpoint(path)
-            reads = index is not None and tokenizer.token_to_id("<|context|>") is not None
+            _, _, ckpt = newgpt.load_checkpoint(path)
+            reads = index is not None and newgpt.reads_passages(ckpt)
             runs = [(None, 0)] + ([(index, k) for k in args.passages] if reads else [])
             for row in [evaluate(path, questions, prompts, sampling, embedder, word_list, i, k) for i, k in runs]:
                 rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})

@@ -4,9 +4,13 @@ training conversations that read, the chat's lookups, and --init_from growing an
 import dataclasses
 import io
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +53,8 @@ def test_the_index_is_cached_reopened_rebuilt_when_the_source_changes_and_when_d
     assert len(lines) == 1, "a second open reuses the cache"
     write_jsonl(knowledge / "facts.jsonl", knowledge_rows() + [{"text": "Ruritania\nIts capital is Strelsau."}])
     index = retrieval.open_index(knowledge, log=lines.append)
-    assert "rebuilding" in lines[1], "a changed source rebuilds the index"
+    assert "indexed" in lines[1] and index.path != first.path, "a changed source builds a new index"
+    assert not first.path.exists(), "the index of the same folder's older files is deleted"
     assert any("Strelsau" in p.text for p in index.search("capital of Ruritania"))
     index.close()
     index.path.write_bytes(b"not a database at all" * 100)
@@ -79,6 +84,133 @@ def test_an_unwritable_cache_is_a_one_line_error(knowledge, tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     with pytest.raises(newgpt.UserError, match="set XDG_CACHE_HOME"):
         retrieval.open_index(knowledge, log=None)
+
+
+def war_and_popes(folder):
+    """A corpus where BM25 over the rare words alone goes wrong: "world" and "war" are in every filler
+    passage, so "When did World War II end?" looks up "ii" and "end", which the popes hold."""
+    filler = [{"text": f"Filler {i}\nThe world saw war number {i} on a plain."} for i in range(80)]
+    popes = [{"text": f"{name}\n{name} reigned until the end of his life, and the end came in year {year}."}
+             for name, year in (("Pope Pius II", 1464), ("Apple II", 1993), ("Mieszko II", 1034))]
+    war = [{"text": "World War II\nWorld War II was a global war that lasted from 1939 to 1945."}]
+    write_jsonl(folder / "docs.jsonl", filler + popes + war)
+    return folder
+
+
+def test_the_second_stage_finds_the_passage_that_bm25_alone_ranks_below(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k").mkdir()
+    index = retrieval.open_index(war_and_popes(tmp_path / "k"), log=None)
+    query = "When did World War II end?"
+    first_stage = index.bm25(index.rare_words(retrieval.query_words(query)), 1, None)
+    assert first_stage[0][0].title != "World War II", "the fixture no longer fools BM25 over the rare words"
+    passages = index.search(query, k=3)
+    assert passages[0].title == "World War II", [p.title for p in passages]
+    assert index.search("What is 17 times 23?") == [], "arithmetic looks nothing up"
+
+
+def test_a_document_and_a_title_are_shown_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "k"
+    folder.mkdir()
+    long_doc = " ".join(f"The inch is a unit of length, fact {i} of the inch." for i in range(30))
+    write_jsonl(folder / "a.jsonl", [{"text": f"Inch\n{long_doc}"}])
+    write_jsonl(folder / "b.jsonl", [{"text": "Inch (Unit of length)\nAn inch is 2.54 centimetres."},
+                                     {"text": "Foot\nA foot is twelve inches."}])
+    passages = retrieval.open_index(folder, log=None).search("How long is an inch?", k=3)
+    keys = [retrieval.title_key(p.title) for p in passages]
+    assert len(keys) == len(set(keys)) and keys.count("inch") == 1, [p.title for p in passages]
+
+
+def build_in_a_process(folder, cache, *extra):
+    code = ("import sys, retrieval; index = retrieval.open_index(sys.argv[1], log=print); "
+            "print('passages', index.n_passages, index.path)")
+    return subprocess.Popen([sys.executable, "-c", code, str(folder), *extra], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "XDG_CACHE_HOME": cache})
+
+
+def big_corpus(folder, n=30000):
+    folder.mkdir()
+    write_jsonl(folder / "big.jsonl", [{"text": f"Topic {i}\nTopic {i} is about thing {i % 97}. It has {i} parts."}
+                                       for i in range(n)])
+    return folder
+
+
+def test_two_processes_building_one_index_build_it_once(tmp_path):
+    folder = big_corpus(tmp_path / "k", n=8000)
+    cache = str(tmp_path / "cache")
+    outputs = [p.communicate(timeout=120) for p in [build_in_a_process(folder, cache) for _ in range(2)]]
+    built = sum("indexed" in out for out, _ in outputs)
+    assert built == 1, f"one builds, the other waits and opens it: {outputs}"
+    paths = {out.split()[-1] for out, _ in outputs}
+    assert len(paths) == 1 and all("passages 8000" in out for out, _ in outputs), outputs
+
+
+def test_two_paths_to_the_same_files_share_one_index(knowledge, tmp_path):
+    link = tmp_path / "another name"
+    link.symlink_to(knowledge)
+    lines = []
+    first = retrieval.open_index(knowledge, log=lines.append)
+    second = retrieval.open_index(str(link) + "/", log=lines.append)
+    copy = tmp_path / "a copy"
+    copy.mkdir()
+    (copy / "facts.jsonl").write_bytes((knowledge / "facts.jsonl").read_bytes())
+    os.utime(copy / "facts.jsonl", ns=(os.stat(knowledge / "facts.jsonl").st_mtime_ns,) * 2)
+    third = retrieval.open_index(copy, log=lines.append)
+    assert first.path == second.path == third.path and len(lines) == 1, lines
+
+
+def test_a_build_killed_midway_leaves_the_old_index_usable(tmp_path):
+    folder = big_corpus(tmp_path / "k")
+    cache = tmp_path / "cache"
+    old = build_in_a_process(folder, str(cache))
+    out, err = old.communicate(timeout=180)
+    old_path = Path(out.split()[-1])
+    write_jsonl(folder / "more.jsonl", [{"text": "Ruritania\nIts capital is Strelsau."}])
+    killed = build_in_a_process(folder, str(cache))
+    for _ in range(600):  # until its temp file is being written
+        if list((cache / "tinygpt").glob(".*tmp")):
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert old_path.exists() and retrieval.KnowledgeIndex(old_path).search("Topic 12 parts"), "the old index works"
+    os.remove(folder / "more.jsonl")
+    os.utime(folder / "big.jsonl")  # the same content, touched: a source that changed
+    rebuilt = build_in_a_process(folder, str(cache))
+    out, err = rebuilt.communicate(timeout=180)
+    assert rebuilt.returncode == 0 and "indexed" in out, err
+    assert not list((cache / "tinygpt").glob(".*tmp")), "the killed build's temp file is removed"
+
+
+def test_a_hub_dataset_with_a_config_is_streamed_in_its_own_schema(tmp_path, monkeypatch):
+    """The README's route for a user without our files: a Wikipedia dump on the hub, by id and config. Its
+    records ({"id", "url", "title", "text"}) come from a local file here, through datasets' own call."""
+    import datasets
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = write_jsonl(tmp_path / "wiki.jsonl", [
+        {"id": "1", "url": "https://simple.wikipedia.org/wiki/Zembla", "title": "Zembla",
+         "text": "Zembla is a small country in the north. Its capital is Ostrova."},
+        {"id": "2", "url": "https://simple.wikipedia.org/wiki/Florin", "title": "Florin",
+         "text": "Florin is a country by the sea. Its capital is Guilder Town."}])
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return iter(json.loads(line) for line in local.read_text().splitlines())
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    index = retrieval.open_index("wikimedia/wikipedia:20231101.simple", log=None)
+    assert calls == [("wikimedia/wikipedia", "20231101.simple", "train", True)], calls
+    passages = index.search("What is the capital of Zembla?", k=1)
+    assert passages[0].title == "Zembla" and "Ostrova" in passages[0].text, passages
+
+
+def test_a_model_trained_without_passages_is_refused_with_knowledge(trained_run, knowledge, capsys):
+    assert chat.main(["--ckpt", str(trained_run), "--knowledge", str(knowledge), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "not trained to read passages" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_passages_are_cut_on_sentence_ends():
