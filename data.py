@@ -447,12 +447,19 @@ def as_taught(conversation, answers):
     return make_conversation(taught[-1], conversation["group"]) if taught else None
 
 
-def teacher_conversations(conversations, path):
-    """The chats the teacher answered, as their own source (named by the answers file, so that
-    --teacher PATH:WEIGHT weights them)."""
+def with_teacher(conversations, path):
+    """The chats as the teacher answered them, in place of the human answers to the same prompts (two
+    answers to one prompt would teach their average), as a source of their own named by the answers file,
+    so that --teacher PATH:WEIGHT weights them. The chats it did not answer stay as they were."""
     answers = teacher_answers(path)
-    taught = (as_taught(c, answers) for c in conversations)
-    return [c | {"source": str(path)} for c in taught if c is not None]
+    kept, taught = [], []
+    for c in conversations:
+        as_teacher = as_taught(c, answers)
+        if as_teacher is None:
+            kept.append(c)
+        else:
+            taught.append(as_teacher | {"source": str(path)})
+    return kept + taught
 
 # -----------------------------------------------------------------------------
 # train_texts.json: built from the sources once, reused while they match
@@ -491,7 +498,7 @@ def build_texts(cfg):
     held_out = len(train) + len(pretrain) - len(kept[0]) - len(kept[1])
     train, pretrain = kept
     if cfg.teacher:
-        train += teacher_conversations(train, split_weight(cfg.teacher)[0])
+        train = with_teacher(train, split_weight(cfg.teacher)[0])
     if not train:
         raise UserError(f"no usable training conversations in {' '.join(cfg.data)} "
                         f"(language filter: {cfg.langs}; messages must be non-empty, not deleted, reviewed)")

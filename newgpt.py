@@ -108,8 +108,9 @@ class TrainConfig:
                 "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them "
                 "(PATH:WEIGHT weights those reading questions as --data weights a source)"})
     teacher: str = field(default="", metadata={
-        "help": "a teacher's answers (teacher.py): the chats and reading questions it answered join the data "
-                "as their own source (PATH:WEIGHT as for --data); with --knowledge, only its reading questions"})
+        "help": "a teacher's answers (teacher.py): the chats it answered take its answers in place of the human "
+                "ones, as a source of their own (PATH:WEIGHT as for --data); with --knowledge, the reading "
+                "questions are those it answered"})
     init_from: str = field(default="", metadata={
         "help": "start from this checkpoint's weights and tokenizer with a fresh optimizer and schedule (a "
                 "fine-tune); its vocabulary gains any chat-format token it lacks"})

@@ -126,6 +126,14 @@ def is_echo(prompt, reply):
     return bool(reply_trigrams) and len(reply_trigrams & trigrams(prompt)) > len(reply_trigrams) / 2
 
 
+DICTIONARY_TEMPLATE = re.compile(r"\bthe (word|term) \"?[^\".,]{1,40}\"? (means|refers to)\b", re.I)
+
+
+def uses_dictionary_template(reply):
+    """WordNet's Q/A answer "The word X means ...", leaking into an everyday answer."""
+    return DICTIONARY_TEMPLATE.search(reply) is not None
+
+
 def distinct(replies, n):
     """Distinct word n-grams over all n-grams of all replies (Li et al. 2016)."""
     grams = [g for reply in replies for g in ngrams(words(reply), n)]
@@ -216,6 +224,7 @@ def score(name, questions, prompts, asked, replies, embedder, word_list, retriev
             "questions": len(right), "relevance": round(sum(scores) / len(scores), 4),
             "echo_rate": round(sum(is_echo(p["prompt"], t) for p, t in zip(prompts, texts)) / len(texts), 4),
             "ended_rate": round(sum(ended) / len(ended), 4),
+            "dictionary_template": sum(map(uses_dictionary_template, texts)),
             **form_stats([reply.text for reply in asked] + texts, word_list),
             "first_token_ms": [round(1000 * percentile(first_token, q), 1) for q in (0.5, 0.95)],
             **(retrieval_stats(questions, asked, right, replies) if retrieved else {}),
@@ -290,8 +299,8 @@ def main():
 def print_table(rows):
     """A Markdown table: one row per checkpoint, then the human ceiling and the shuffled floor."""
     print("| | knowledge | hits | reading | relevance | echo | distinct-1 | distinct-2 | loops | words | ended | "
-          "English words | first token, ms (median / p95) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "dictionary template | English words | first token, ms (median / p95) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         knowledge = f"{r['knowledge_right']}/{r['questions']} ({r['knowledge']:.2f})" if "knowledge" in r else "-"
         hits = f"{r['hits']}/{r['questions']}" if "hits" in r else "-"
@@ -300,7 +309,7 @@ def print_table(rows):
         first = " / ".join(f"{ms:.0f}" for ms in r["first_token_ms"]) if "first_token_ms" in r else "-"
         print(f"| {r['checkpoint']} | {knowledge} | {hits} | {reading} | {r['relevance']:.3f} | {r['echo_rate']:.0%} | "
               f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['loop_rate']:.0%} | {r['mean_words']:.0f} | "
-              f"{ended} | {r['word_rate']:.0%} | {first} |")
+              f"{ended} | {r.get('dictionary_template', '-')} | {r['word_rate']:.0%} | {first} |")
 
 if __name__ == "__main__":
     main()

@@ -138,6 +138,7 @@ def test_a_changed_source_record_drops_only_its_own_answer(tmp_path, oasst):
     answers = answers_for(data.build_texts(cfg)["train"], tmp_path / "answers.jsonl.gz")
     cfg.teacher = str(answers)
     taught = [c for c in data.build_texts(cfg)["train"] if c["source"] == str(answers)]
+    assert len(taught) == len({c["group"] for c in taught}), "each chat once: the teacher's in place of the human's"
     assert taught and all(c["turns"][1]["content"].startswith("The teacher says:") for c in taught)
     rows = oasst_rows(40)
     changed = next(r for r in rows if r["message_id"] == "tree5-q")
@@ -176,6 +177,8 @@ def test_training_with_teacher_answers_weights_them_as_a_source_of_their_own(tmp
                       "--teacher", f"{answers}:3")
     assert train_in_process(*args) == 0
     texts = json.loads((tmp_path / "texts.json").read_text())
-    sources = {c["source"] for c in texts["train"]}
-    assert sources == {str(oasst), str(answers)}, sources
+    taught = [c for c in texts["train"] if c["source"] == str(answers)]
+    human = [c for c in texts["train"] if c["source"] == str(oasst)]
+    assert taught and all(c["turns"][1]["content"].startswith("The teacher says:") for c in taught)
+    assert not {c["group"] for c in taught} & {c["group"] for c in human}, "a taught chat replaces the human one"
     assert texts["build"]["teacher"][0] == str(answers), "a changed answers file rebuilds the texts"
