@@ -102,7 +102,7 @@ class TrainConfig:
         "help": "JSONL files of evaluation prompts ('question' or 'prompt'): training conversations that ask "
                 "one of them, or a close paraphrase, are dropped"})
     val_data: list = field(default_factory=list, metadata={
-        "help": "held-out sources; without it about 2%% of the message trees are held out"})
+        "help": "held-out sources; without it about 2% of the message trees are held out"})
     knowledge: str = field(default="", metadata={
         "help": "teach the model to read: chats get passages retrieved from this knowledge file, folder or "
                 "dataset id (retrieval.py), and its Q/A pairs come with the passages that answer them "

@@ -128,7 +128,9 @@ def non_negative(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text}")
-        if not value >= 0:  # also refuses nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
+        if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
         return value
     parse.__name__ = kind.__name__
