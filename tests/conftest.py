@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import newgpt
+import runtime
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,8 +134,9 @@ def copy_run(run_dir, destination):
     return destination
 
 
-def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None):
-    """Save `model` as a TinyGPT checkpoint with `tokenizer` beside it, as a training run would."""
+def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None, reads_passages=False):
+    """Save `model` as a TinyGPT checkpoint with `tokenizer` beside it, as a training run would
+    (reads_passages: as one trained with --knowledge)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tok.json"))
@@ -143,5 +145,15 @@ def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None):
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = newgpt.checkpoint_state(model, optimizers, scaler, newgpt.TrainConfig(), data, step, elapsed_s=60.0,
+                                    reads_passages=reads_passages,
                                     **(last_eval or {"val_loss": 1.5, "val_bpb": 0.5}))
     return newgpt.save_checkpoint(state, directory, keep_last=3)
+
+
+def as_reader(run_dir, destination):
+    """A copy of a run whose newest checkpoint says it trained on passages, for what only such a model does."""
+    copy = copy_run(run_dir, destination)
+    path = runtime.latest_checkpoint(copy)
+    state = torch.load(path, weights_only=True)
+    torch.save(state | {"reads_passages": True}, path)
+    return copy

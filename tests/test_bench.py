@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import newgpt
-from conftest import REPO, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
+from conftest import REPO, as_reader, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
 from test_serve import CHROMIUM
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,8 @@ def test_bpb(trained_run):
 
 
 def test_chat_quality(trained_run, knowledge, tmp_path):
-    out = run_bench("chat_quality.py", trained_run, "--max_new_tokens", "4", "--reference", "",
+    reader = as_reader(trained_run, tmp_path / "reader")
+    out = run_bench("chat_quality.py", reader, "--max_new_tokens", "4", "--reference", "",
                     "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
     assert " + knowledge (k=3) |" in out, "a checkpoint that reads is also evaluated with retrieval"

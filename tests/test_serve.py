@@ -358,7 +358,7 @@ def wide_window_checkpoint(tokenizer, tmp_path):
     """Random weights with a 256-token window: room for passages, which a 32-token tiny run has not."""
     model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
                                         n_embd=16))
-    write_checkpoint(model, tokenizer, tmp_path / "wide")
+    write_checkpoint(model, tokenizer, tmp_path / "wide", reads_passages=True)
     return tmp_path / "wide"
 
 
