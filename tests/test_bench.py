@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import newgpt
-from conftest import REPO, as_reader, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
+from conftest import COUNTRIES, REPO, as_reader, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
 from test_serve import CHROMIUM
 
 pytestmark = pytest.mark.slow
@@ -94,10 +94,15 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
     assert " + knowledge (k=3) |" in out, "a checkpoint that reads is also evaluated with retrieval"
 
 
-def test_retrieval(trained_run, knowledge):
+def test_retrieval(trained_run, knowledge, tmp_path):
     tokenizer = next(trained_run.glob("tokenizer-*.json"))
-    out = run_bench("retrieval.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer)
-    assert out.count("| 100 |") == 2 and out.count("| 250 |") == 2, out
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question": f"Which city is the capital of {country}?",
+                                                            "answers": [capital]} for country, capital in COUNTRIES.items()])
+    out = run_bench("retrieval.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer,
+                    "--questions", questions)
+    rows = [line[2:].split(" | ") for line in out.splitlines() if line.startswith("| two stages |")]
+    assert [(r[1], r[7]) for r in rows] == [("100", "1"), ("100", "2"), ("250", "1"), ("250", "2")], out
+    assert all(r[8] == f"{len(COUNTRIES)}/{len(COUNTRIES)}" and r[9] == "0" for r in rows), out  # found, shown once
 
 
 def test_peer(tmp_path):
