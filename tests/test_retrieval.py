@@ -40,8 +40,15 @@ def test_search_finds_the_passage_that_holds_the_answer(knowledge):
 
 def test_user_text_never_becomes_fts_syntax(knowledge):
     index = retrieval.open_index(knowledge, log=None)
-    for query in ['Zembla" OR *', "NEAR(capital", "capital AND", "(Florin", "^Latveria:", "col:x", "'; DROP TABLE"]:
-        index.search(query)  # raises sqlite3.OperationalError if any of it reached FTS5 as syntax
+    for query, country in [('Zembla" OR *', "Zembla"), ("NEAR(Florin", "Florin"), ("capital AND Genovia", "Genovia"),
+                           ("(Freedonia", "Freedonia"), ("^Latveria:", "Latveria"), ("Sokovia col:x", "Sokovia"),
+                           ("'; DROP TABLE Zembla", "Zembla")]:
+        passages = index.search(query, k=1)
+        assert passages and country in passages[0].text, (query, passages)
+    # The quoting itself: FTS5's operators given as terms are plain words (unquoted, each raises a syntax error).
+    for term in ["AND", "OR", "NOT", "NEAR", "*", 'x"y', "col:x", "^x", "(x"]:
+        match = retrieval.fts_match([term, "zembla"])
+        assert index.db.execute("SELECT count(*) FROM passages WHERE passages MATCH ?", (match,)).fetchone()[0] > 0
 
 
 def test_the_index_is_cached_reopened_rebuilt_when_the_source_changes_and_when_damaged(knowledge):
