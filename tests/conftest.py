@@ -19,7 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 # Flags for a model and run small enough to train a few steps in a second or two.
 TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320",
               "--batch_size", "4", "--grad_accum", "2", "--eval_tokens", "256", "--eval_interval", "1000",
-              "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2", "--no-compile"]
+              "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2", "--no-compile", "--device", "cpu"]
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(request, monkeypatch):
+    """Every test sees a CPU-only machine (`--device auto` means cpu, in-process and in the processes it
+    starts), so that a GPU or a Mac changes no expectation; tests marked cuda are about the GPU and see it."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
