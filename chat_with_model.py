@@ -36,7 +36,7 @@ from data import HOLDOUT_FILES, make_conversation
 from newgpt import (KVCache, autocast_context, load_checkpoint, pick_device, pick_dtype, reads_passages,
                     render_conversations, token_bytes)
 from retrieval import conversation_query, format_passages, open_index
-from runtime import UserError, default_checkpoint
+from runtime import UserError, default_checkpoint, find_checkpoint
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -545,8 +545,10 @@ def load_chat(args):
     if problems:
         raise UserError("; ".join(problems))
     device = pick_device(args.device)
-    path = args.ckpt or default_checkpoint()
+    path, _ = find_checkpoint(args.ckpt or default_checkpoint())  # the file itself, to name it
     model, tokenizer, ckpt = load_checkpoint(path, device)
+    how = "" if args.ckpt else ", the newest in ckpt/ or else the release (--ckpt picks another)"
+    print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
     dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
     index = None
     if args.knowledge:
@@ -581,7 +583,7 @@ def main(argv=None):
         if interactive:
             enable_line_editing()
             val = ckpt.get("val_loss")
-            print(f"TinyGPT {chat.model.num_params() / 1e6:.1f}M params ({path}), step {ckpt['step']}"
+            print(f"TinyGPT {chat.model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
                   f"{f', val loss {val:.3f}' if val is not None else ''}, on {chat.model.lm_head.weight.device}. "
                   f"/help for commands.")
         repl(chat, interactive, args.show_speed)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import shutil
 import subprocess
 import sys
 
@@ -285,6 +286,17 @@ def test_bad_values_are_one_line_errors(checkpoint_dir, flags, message, capsys):
 
 
 @pytest.mark.slow
+def test_the_chat_names_the_checkpoint_it_loaded(checkpoint_dir, tmp_path):
+    """Without --ckpt a fresh run in ckpt/ becomes the chat's model: one line on stderr says so."""
+    shutil.copytree(checkpoint_dir, tmp_path / "ckpt")
+    result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--prompt", "hi", "--max_new_tokens",
+                             "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[0] == ("model: ckpt/gpt_step0002.pt, step 2, the newest in ckpt/ or else the "
+                                             "release (--ckpt picks another)"), result.stderr
+
+
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_chat_quietly(checkpoint_dir):
     """`... | head -c 1`: the pipe closes while the chat still has answers to write."""
     args = ["--ckpt", checkpoint_dir, "--max_new_tokens", "8"]
@@ -298,4 +310,4 @@ def test_a_reader_that_leaves_early_ends_the_chat_quietly(checkpoint_dir):
     process.stdout.read(1)
     process.stdout.close()
     stderr = process.stderr.read().decode()
-    assert process.wait(timeout=60) == 0 and stderr == "", stderr
+    assert process.wait(timeout=60) == 0 and stderr.startswith("model: ") and stderr.count("\n") == 1, stderr
