@@ -288,6 +288,10 @@ class Utf8Stream:
 # The conversation
 
 
+class ContextLengthExceeded(UserError):
+    """The newest message does not fit the context window whole (the API refuses it; the terminal cuts it)."""
+
+
 class Chat:
     """History, prompt rendering within the context window, and streaming answers."""
 
@@ -326,10 +330,11 @@ class Chat:
         query = conversation_query([content for role, content in history if role == "user"])
         return self.index.search(query), query
 
-    def add_user_turn(self, user_text):
+    def add_user_turn(self, user_text, cut_to_fit=True):
         """Append a user turn, look up passages for it, and return (prompt ids, notice). The oldest exchanges
         are dropped (never the system prompt) until the prompt leaves room for max_new_tokens, then the
-        weakest passages; a message too long on its own keeps its end. The notice says what was cut."""
+        weakest passages; a message too long on its own keeps its end (or, not cut_to_fit, is refused with
+        ContextLengthExceeded). The notice says what was cut."""
         block_size = self.model.config.block_size
         # A longer answer than fits slides the window during generation; the prompt keeps at least half.
         budget = max(block_size // 2, block_size - self.sampling.max_new_tokens)
@@ -346,6 +351,11 @@ class Chat:
         dropped = len(self.history) + 1 - len(history)
         ids = self.render(history, passages)
         notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
+        if not cut_to_fit and (len(ids) > budget or len(user_text) > self.max_input_chars):
+            raise ContextLengthExceeded(
+                f"the newest message ({len(user_text):,} characters) does not fit this model's {block_size}-token "
+                f"context window with {self.sampling.max_new_tokens} tokens left for the answer: shorten it "
+                f"or lower max_tokens")
         if len(ids) > budget:
             while len(ids) > budget:  # re-encoding a cut text can merge tokens differently: repeat until it fits
                 kept = self.tokenizer.encode(history[-1][1]).ids[len(ids) - budget:]

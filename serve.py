@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -47,7 +48,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from chat_with_model import SamplingConfig, add_model_arguments, check_sampling, load_chat
+from chat_with_model import (ContextLengthExceeded, SamplingConfig, add_model_arguments, check_sampling,
+                             load_chat)
 from runtime import UserError
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
@@ -137,10 +139,27 @@ class ApiError(Exception):
         return JSONResponse(self.payload(), status_code=self.status)
 
 
+UNION_MEMBER = re.compile(r"str|int|float|bool|(list|dict)\[.*\]")  # pydantic's name for a union's alternative
+
+
+def field_path(loc):
+    """A validation error's location as the request names it: messages[0].content, not messages.0.content.str
+    (the index in brackets, a logit_bias key quoted, a union's alternatives left out)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif path == "logit_bias":
+            path += f"[{json.dumps(part)}]"
+        elif not UNION_MEMBER.fullmatch(part):
+            path += f".{part}" if path else part
+    return path or None
+
+
 def first_problem(error):
     """A pydantic ValidationError's first problem, as (message, field)."""
     problem = error.errors()[0]
-    field = ".".join(str(part) for part in problem["loc"]) or None
+    field = field_path(problem["loc"])
     if problem["type"] == "extra_forbidden":
         return f"{field}: this server does not support this parameter", field
     return f"{field}: {problem['msg']}" if field else problem["msg"], field
@@ -297,6 +316,8 @@ class Worker:
                 job.cancelled.set()
             try:
                 result = self.generate(job)
+            except ContextLengthExceeded as e:
+                result = ApiError(400, str(e), "messages", code="context_length_exceeded")
             except UserError as e:  # e.g. a system prompt that leaves no room in the window
                 result = ApiError(400, str(e), "messages")
             except Exception as e:  # noqa: BLE001  anything else still answers, and the worker lives on
@@ -311,7 +332,7 @@ class Worker:
         chat.sampling, chat.system, chat.history = job.sampling, job.system, list(job.history)
         chat.generator.manual_seed(job.sampling.seed)
         chat.retrieval = job.retrieval
-        prompt_ids, _ = chat.add_user_turn(job.user_text)
+        prompt_ids, _ = chat.add_user_turn(job.user_text, cut_to_fit=False)
         entries = []
 
         def record_logprobs(token_id, logits):

@@ -257,7 +257,7 @@ def settled(url, timeout=60):
 
 def endless_question(tokenizer):
     """A streamed request whose answer only a hang-up ends: the end of turn is forbidden."""
-    return {"messages": [{"role": "user", "content": "Tell me about llamas."}], "stream": True, "max_tokens": 2048,
+    return {"messages": [{"role": "user", "content": "Go on."}], "stream": True, "max_tokens": 2048,
             "logit_bias": {str(tokenizer.token_to_id("<|end|>")): -100}}
 
 

@@ -137,7 +137,7 @@ def test_multi_turn_messages_and_a_system_prompt_reach_the_model(client, local_c
     expected, prompt_tokens, _ = local_answer(local_chat, turns, 11)
     assert multi.choices[0].message.content == expected and multi.usage.prompt_tokens == prompt_tokens
     with_system = client.chat.completions.create(
-        model="tinygpt", messages=[{"role": "system", "content": "Be brief."}, *turns], seed=11)
+        model="tinygpt", messages=[{"role": "system", "content": "Be brief."}, *turns], seed=11, max_tokens=4)
     assert with_system.usage.prompt_tokens > prompt_tokens
 
 
@@ -177,7 +177,8 @@ def test_stop_sequences_cut_the_answer(client):
     (b'{"model": "x"}', 400, "messages"),
     (b'{"messages": "hello"}', 400, "messages"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
-    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "messages[0].content: "),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', 400, "messages[0].content: "),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature must be between 0 and 2"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
@@ -194,6 +195,16 @@ def test_malformed_requests_get_an_error_object_and_the_server_stays_up(server, 
     got, answer = raw_request(server, "POST", "/v1/chat/completions", body)
     assert got == status, answer
     assert set(answer["error"]) >= {"message", "type", "param", "code"} and words in answer["error"]["message"]
+    assert health(server)["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_message_longer_than_the_window_is_refused_as_openai_does(server):
+    """Not cut silently to its last tokens: OpenAI's context_length_exceeded, naming what would fit."""
+    body = json.dumps({"messages": [{"role": "user", "content": "why " * 125_000}]}).encode()
+    got, answer = raw_request(server, "POST", "/v1/chat/completions", body)
+    assert got == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert "500,000 characters" in answer["error"]["message"] and answer["error"]["param"] == "messages", answer
     assert health(server)["status"] == "ok"
 
 
