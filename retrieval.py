@@ -440,6 +440,8 @@ def build_index(path, spec, files, holdout_files, passage_chars, key, log):
     if path.exists() and log:
         log(f"knowledge: the index {path} is damaged; rebuilding it")
     started = time.time()
+    for source in (f for f in files if not isinstance(f, str)):  # a file that cannot be read fails in one line,
+        next(iter(records_of(source)), None)                       # before the progress bar starts
     remove_stale_temp_files(path.parent)  # earlier builds that were killed: 100s of MB each
     tmp = temp_path(path)
     try:

@@ -441,3 +441,12 @@ def test_init_from_grows_an_older_vocabulary_and_keeps_the_weights(knowledge, tm
     assert train_in_process("--resume", "--out_dir", tmp_path / "tuned", "--max_steps", "2") == 0, \
         "a fine-tune resumes with its grown tokenizer"
     assert newgpt.load_checkpoint(tmp_path / "tuned")[2]["step"] == 2
+
+
+def test_a_binary_file_fails_in_one_line_before_any_progress_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    binary = tmp_path / "photo.jsonl"
+    binary.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(newgpt.UserError, match="cannot read"):
+        retrieval.open_index(binary, log=lambda line: None)
+    assert "indexing" not in capsys.readouterr().err, "no progress bar for a build that cannot start"
