@@ -165,7 +165,7 @@ def test_resuming_a_budgeted_run_continues_its_schedule(tmp_path, oasst_file, ca
     assert stopped["elapsed_s"] == pytest.approx(12, abs=1), "the checkpoint records the time spent"
     # Resumed without --max_minutes: the checkpoint's budget continues.
     assert budgeted_run(oasst_file, resumed, TickingClock(0.1), "--resume") == 0
-    assert "for 0.5 minutes" in capsys.readouterr().out
+    assert "for 0.5 minutes (0.3 left)" in capsys.readouterr().out, "what is left, not the whole budget"
     whole_lrs, resumed_lrs = dict(train_lrs(whole)), train_lrs(resumed)
     step, lr = next((s, lr) for s, lr in resumed_lrs if s > stopped["step"])
     assert lr == pytest.approx(whole_lrs[step], rel=0.05), "the schedule goes on where it stopped"
