@@ -229,7 +229,8 @@ def score(name, questions, prompts, asked, replies, embedder, word_list, retriev
             "first_token_ms": [round(1000 * percentile(first_token, q), 1) for q in (0.5, 0.95)],
             **(retrieval_stats(questions, asked, right, replies) if retrieved else {}),
             "date": time.strftime("%Y-%m-%d"),
-            "answers": [(q["question"], reply.text, ok) for q, reply, ok in zip(questions, asked, right)]}
+            "answers": [(q["question"], reply.text, ok) for q, reply, ok in zip(questions, asked, right)],
+            "replies": [(p["prompt"], reply.text, round(s, 3)) for p, reply, s in zip(prompts, replies, scores)]}
 
 
 def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None,
@@ -252,7 +253,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1337, help="sampling seed of the first prompt")
     parser.add_argument("--reference", default=str(REFERENCE),
                         help="OASST1 validation messages for the human ceiling and shuffled floor ('': skip)")
-    parser.add_argument("--show", type=int, default=0, help="print this many knowledge answers per checkpoint")
+    parser.add_argument("--show", type=int, default=0,
+                        help="print this many knowledge answers and everyday replies per checkpoint")
     parser.add_argument("--note", default="", help="a note stored with the results")
     parser.add_argument("--results", default=str(RESULTS), help="JSONL file the results are appended to")
     parser.add_argument("--half", choices=["all", "tune", "test"], default="all",
@@ -284,6 +286,8 @@ def main():
                 rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
                 for question, reply, ok in row["answers"][:args.show]:
                     print(f"{'RIGHT' if ok else 'wrong'}  {question}\n       {' '.join(reply.split()[:60])}\n")
+                for prompt, reply, similarity in row["replies"][:args.show]:
+                    print(f"{similarity:.2f}  {prompt}\n       {' '.join(reply.split()[:60])}\n")
         except UserError as e:
             raise SystemExit(f"error: {e}")
     if args.reference:
