@@ -1,12 +1,15 @@
 """The release model: committed in ckpt/release/, what chat loads when nothing is trained yet, and how
 `python newgpt.py --release RUN` makes one (bf16 weights, no optimizer state, its tokenizer beside it)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import chat_with_model as chat
 import newgpt
 import runtime
+from data import read_teacher_records, split_weight
 from runtime import RELEASE_DIR, RELEASE_FILE, UserError, checkpoint_paths, latest_checkpoint
 from conftest import copy_run, run_newgpt, train_in_process
 
@@ -26,6 +29,20 @@ def test_the_committed_release_model_answers_and_ends_its_turn():
     reply = "".join(conversation.stream_reply(prompt_ids))
     assert conversation.last_answer_tokens < sampling.max_new_tokens, f"no <|end|> within the limit: {reply!r}"
     assert len(reply.split()) >= 3, f"a reply of a few words at least: {reply!r}"
+
+
+def test_the_release_ships_the_teacher_answers_it_trained_on():
+    """A fresh clone rebuilds the release's training data from the same sources: the answers are committed."""
+    ckpt = newgpt.load_checkpoint(latest_checkpoint(RELEASE_DIR))[2]
+    teacher = ckpt["train_config"].get("teacher")
+    if not teacher:
+        pytest.skip("the release trained without a teacher")
+    answers = RELEASE_DIR.parent.parent / split_weight(teacher)[0]  # as named from the repository's root
+    assert answers.is_file() and answers.resolve().parent == RELEASE_DIR, f"{answers} is not shipped in {RELEASE_DIR}"
+    assert answers.stat().st_size <= 20 * 10**6, f"{answers} is over 20 MB"
+    records, intact = read_teacher_records(answers)
+    assert intact and all({"key", "record", "kind", "turn", "tries"} <= set(r) for r in records)
+    assert sum("answer" in r for r in records) > 1000, "the answers the release learned from"
 
 
 def test_release_keeps_bf16_weights_and_the_tokenizer_and_replaces_the_old_one(trained_run, tmp_path):
