@@ -1029,11 +1029,12 @@ def start_run(cfg, model_config, size_note):
     trained = compile_model(model, cfg, device, ctx, log)
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained)
-    spent_min = ckpt.get("elapsed_s", 0.0) / 60 if ckpt else 0.0
+    budget = ""
+    if cfg.max_minutes:
+        left = f" ({max(cfg.max_minutes - ckpt.get('elapsed_s', 0.0) / 60, 0):.1f} left)" if ckpt else ""
+        budget = f", for {cfg.max_minutes:g} minutes{left}: the schedule follows the clock"
     log(f"training on {device} ({dtype}, {world_size} process{'es' * (world_size > 1)})"
-        + (f", resuming from {cfg.resume} at step {ckpt['step']}" if ckpt else "")
-        + (f", for {cfg.max_minutes:g} minutes" + (f" ({max(cfg.max_minutes - spent_min, 0):.1f} left)" if ckpt else "")
-           + ": the schedule follows the clock" if cfg.max_minutes else ""))
+        + (f", resuming from {cfg.resume} at step {ckpt['step']}" if ckpt else "") + budget)
     resumed = {"step": ckpt["step"], "chat_start_step": ckpt.get("chat_start_step", 0),  # None: knowledge stage
                "elapsed_s": ckpt.get("elapsed_s", 0.0), "val_loss": ckpt.get("val_loss"),
                "val_bpb": ckpt.get("val_bpb")} if ckpt else {}

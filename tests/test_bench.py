@@ -96,8 +96,9 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
 
 def test_retrieval(trained_run, knowledge, tmp_path):
     tokenizer = next(trained_run.glob("tokenizer-*.json"))
-    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question": f"Which city is the capital of {country}?",
-                                                            "answers": [capital]} for country, capital in COUNTRIES.items()])
+    asked = [{"question": f"Which city is the capital of {country}?", "answers": [capital]}
+             for country, capital in COUNTRIES.items()]
+    questions = write_jsonl(tmp_path / "questions.jsonl", asked)
     out = run_bench("retrieval.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer,
                     "--questions", questions)
     rows = [line[2:].split(" | ") for line in out.splitlines() if line.startswith("| two stages |")]
