@@ -161,6 +161,16 @@ def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None, reads_
     return newgpt.save_checkpoint(state, directory, keep_last=3)
 
 
+@pytest.fixture
+def wide_window_checkpoint(tokenizer, tmp_path):
+    """Random weights with a 256-token window: room for passages and everyday prompts, which a 32-token tiny
+    run has not."""
+    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
+                                        n_embd=16))
+    write_checkpoint(model, tokenizer, tmp_path / "wide", reads_passages=True)
+    return tmp_path / "wide"
+
+
 def as_reader(run_dir, destination):
     """A copy of a run whose newest checkpoint says it trained on passages, for what only such a model does."""
     copy = copy_run(run_dir, destination)

@@ -121,15 +121,16 @@ def test_generate(trained_run):
     assert "ours/HF" in run_bench("generate.py", "--ckpt", trained_run, "--new_tokens", "4", "--repeats", "1")
 
 
-def test_serve(trained_run):
-    out = run_bench("serve.py", "--ckpt", trained_run, "--requests", "2", "--concurrency", "1", "--max_tokens", "4")
+def test_serve(wide_window_checkpoint):
+    out = run_bench("serve.py", "--ckpt", wide_window_checkpoint, "--requests", "2", "--concurrency", "1",
+                    "--max_tokens", "4")
     assert "| 1 |" in out
 
 
-def test_screenshot(trained_run, tmp_path):
+def test_screenshot(wide_window_checkpoint, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    run_bench("screenshot.py", "--ckpt", trained_run, "--out", tmp_path / "page.png")
+    run_bench("screenshot.py", "--ckpt", wide_window_checkpoint, "--out", tmp_path / "page.png")
     assert (tmp_path / "page.png").stat().st_size > 0
 
 

@@ -364,15 +364,6 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(server):
 # ---- the parts without a server
 
 
-@pytest.fixture
-def wide_window_checkpoint(tokenizer, tmp_path):
-    """Random weights with a 256-token window: room for passages, which a 32-token tiny run has not."""
-    model = newgpt.GPT(newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=256, n_layer=1, n_head=1,
-                                        n_embd=16))
-    write_checkpoint(model, tokenizer, tmp_path / "wide", reads_passages=True)
-    return tmp_path / "wide"
-
-
 def test_sources_come_in_an_extension_field_and_retrieval_can_be_switched_off(wide_window_checkpoint, knowledge):
     with running_server(wide_window_checkpoint, "--knowledge", knowledge) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
