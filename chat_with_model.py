@@ -557,8 +557,6 @@ def load_chat(args):
     device = pick_device(args.device)
     path, _ = find_checkpoint(args.ckpt or default_checkpoint())  # the file itself, to name it
     model, tokenizer, ckpt = load_checkpoint(path, device)
-    how = "" if args.ckpt else ", the newest in ckpt/ or else the release (--ckpt picks another)"
-    print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
     dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
     index = None
     if args.knowledge:
@@ -568,6 +566,8 @@ def load_chat(args):
         index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
     chat = Chat(model.eval(), tokenizer, sampling, device, dtype, index)
     chat.system = args.system
+    how = "" if args.ckpt else ", the newest in ckpt/ or else the release (--ckpt picks another)"
+    print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
     return chat, path, ckpt
 
 
