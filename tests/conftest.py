@@ -21,6 +21,7 @@ TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size
               "--batch_size", "4", "--grad_accum", "2", "--eval_tokens", "256", "--eval_interval", "1000",
               "--log_interval", "1", "--dtype", "float32", "--warmup_steps", "2", "--no-compile", "--device", "cpu"]
 
+
 @pytest.fixture(autouse=True)
 def on_the_cpu(request, monkeypatch):
     """Every test sees a CPU-only machine (`--device auto` means cpu, in-process and in the processes it

@@ -1,8 +1,6 @@
 """The release model: committed in ckpt/release/, what chat loads when nothing is trained yet, and how
 `python newgpt.py --release RUN` makes one (bf16 weights, no optimizer state, its tokenizer beside it)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
