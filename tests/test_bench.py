@@ -1,6 +1,7 @@
 """Every script in bench/ runs: each in its smoke mode (a tiny model, a few steps, or the tiny checkpoint of
-these tests), in its own process, as a user would start it. The numbers they print are not checked here:
-only that each runs to the end and prints its table."""
+these tests), in its own process, as a user would start it, to the end of its table. Where a number can be
+known, it is checked: bpb against the run's own evaluation, the retriever's hits on the fixture, relevance
+as a cosine, no failed request to the server."""
 
 import importlib.util
 import subprocess
@@ -83,7 +84,9 @@ def test_answers(trained_run):
 
 def test_bpb(trained_run):
     out = run_bench("bpb.py", trained_run, "--tokens", "200", cwd=trained_run.parent)
-    assert "val: " in out and "bits/byte" in out
+    val_bpb = float(out.split("val: ")[1].split(" bits/byte")[0])
+    stored = newgpt.load_checkpoint(trained_run)[2]["val_bpb"]
+    assert val_bpb == pytest.approx(stored, abs=1e-3), "the training run's own evaluation of the same tokens"
 
 
 def test_chat_quality(trained_run, knowledge, tmp_path):
@@ -92,6 +95,10 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
                     "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
     assert " + knowledge (k=3) |" in out, "a checkpoint that reads is also evaluated with retrieval"
+    header = next(line for line in out.splitlines() if "relevance" in line).split(" | ")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {reader}")]
+    relevance = [float(row[header.index("relevance")]) for row in rows]
+    assert len(rows) == 2 and all(-1 <= r <= 1 for r in relevance), out  # a cosine
 
 
 def test_retrieval(trained_run, knowledge, tmp_path):
@@ -124,7 +131,8 @@ def test_generate(trained_run):
 def test_serve(wide_window_checkpoint):
     out = run_bench("serve.py", "--ckpt", wide_window_checkpoint, "--requests", "2", "--concurrency", "1",
                     "--max_tokens", "4")
-    assert "| 1 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    assert row.rstrip(" |").split(" | ")[-1] == "0", f"no request failed: {out}"
 
 
 def test_screenshot(wide_window_checkpoint, tmp_path):
