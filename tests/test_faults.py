@@ -321,18 +321,22 @@ def test_a_generation_that_raises_is_a_500_error_object_and_the_next_request_is_
 def test_ctrl_c_and_sigterm_stop_the_server_cleanly_mid_stream(trained_run, stop):
     process = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt", str(trained_run), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = process.stdout.readline().split(" on ")[1].split()[0]
-    body = endless_question(trained_run)
-    answers = []
-    reader = threading.Thread(target=lambda: answers.append(raw_request(url, "POST", "/v1/chat/completions",
-                                                                        json.dumps(body).encode())), daemon=True)
-    reader.start()
-    deadline = time.time() + 60
-    while not health(url)["generating"]:
-        assert time.time() < deadline, "the answer did not start"
-        time.sleep(0.05)
-    process.send_signal(stop)
-    _, err = process.communicate(timeout=30)
+    try:
+        url = process.stdout.readline().split(" on ")[1].split()[0]
+        body = endless_question(trained_run)
+        answers = []
+        reader = threading.Thread(target=lambda: answers.append(raw_request(url, "POST", "/v1/chat/completions",
+                                                                            json.dumps(body).encode())), daemon=True)
+        reader.start()
+        deadline = time.time() + 60
+        while not health(url)["generating"]:
+            assert time.time() < deadline, "the answer did not start"
+            time.sleep(0.05)
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=30)
+    finally:  # a failed check must not leave the server running
+        if process.poll() is None:
+            process.kill()
     assert "Traceback" not in err and "error" not in err.lower(), err
     assert process.returncode in (0, -signal.SIGTERM), process.returncode
     reader.join(timeout=10)
