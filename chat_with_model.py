@@ -17,7 +17,7 @@ once into a KV cache, then decodes one token at a time. Sampling first pushes re
 on recent tokens, OpenAI's frequency and presence penalties, DRY on repeated sequences, banned n-grams),
 then applies temperature (0 means greedy), top-k, top-p and min-p, and draws with a seeded torch.Generator.
 Output bytes go through an incremental UTF-8 decoder, so a character split across tokens is never printed
-broken. The model, the chat format and load_checkpoint come from newgpt.py.
+broken. The model, the chat format and the checkpoint loading come from newgpt.py.
 """
 
 import argparse
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 
 from data import HOLDOUT_FILES, make_conversation
-from newgpt import (KVCache, autocast_context, load_checkpoint, pick_device, pick_dtype, reads_passages,
+from newgpt import (KVCache, autocast_context, model_from_checkpoint, pick_device, pick_dtype, reads_passages,
                     render_conversations, token_bytes)
 from retrieval import conversation_query, format_passages, open_index
-from runtime import UserError, default_checkpoint, find_checkpoint
+from runtime import UserError, chosen_checkpoint
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -555,8 +555,8 @@ def load_chat(args):
     if problems:
         raise UserError("; ".join(problems))
     device = pick_device(args.device)
-    path, _ = find_checkpoint(args.ckpt or default_checkpoint())  # the file itself, to name it
-    model, tokenizer, ckpt = load_checkpoint(path, device)
+    path, ckpt, how = chosen_checkpoint(args.ckpt, device)
+    model, tokenizer = model_from_checkpoint(path, ckpt, device)
     dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
     index = None
     if args.knowledge:
@@ -566,7 +566,6 @@ def load_chat(args):
         index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
     chat = Chat(model.eval(), tokenizer, sampling, device, dtype, index)
     chat.system = args.system
-    how = "" if args.ckpt else ", the newest in ckpt/ or else the release (--ckpt picks another)"
     print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
     return chat, path, ckpt
 

@@ -28,7 +28,7 @@ from chat_with_model import SamplingConfig
 from data import split_weight
 from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, load_checkpoint
 from retrieval import source_files
-from runtime import UserError, default_checkpoint, find_checkpoint
+from runtime import UserError, chosen_checkpoint
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which our blocks use
 END_TOKEN, BOS_TOKEN, PAD_TOKEN = "<|end|>", "<|bos|>", "<|pad|>"
@@ -370,12 +370,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        source, _ = find_checkpoint(args.ckpt or default_checkpoint())  # the file itself, to name it
+        source, _, how = chosen_checkpoint(args.ckpt)
         out, hf_model = export(source, args.out, args.force, args.dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    how = "" if args.ckpt else ", the newest in ckpt/ or else the release (--ckpt picks another)"
     print(f"wrote {out}/ ({type(hf_model).__name__}) from {source}{how}; load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer.from_pretrained({str(out)!r})")
     return 0

@@ -916,10 +916,14 @@ def model_config_from(stored):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir,
-    checking that the tokenizer next to it is the one it was trained with. Weights stored in bf16 (a
-    release) load into the fp32 model."""
+    """Rebuild (model, tokenizer, checkpoint dict) from a checkpoint file, or the newest one in a dir."""
     path, ckpt = find_checkpoint(path, device)
+    return (*model_from_checkpoint(path, ckpt, device), ckpt)
+
+
+def model_from_checkpoint(path, ckpt, device="cpu"):
+    """(model, tokenizer) of a checkpoint dict read from path, checking that the tokenizer next to it is the
+    one it was trained with. Weights stored in bf16 (a release) load into the fp32 model."""
     try:
         model_config = model_config_from(ckpt["model_config"])
     except UserError as e:
@@ -938,7 +942,7 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the stored config ({str(e).splitlines()[0][:120]})")
-    return model.to(device), tokenizer, ckpt
+    return model.to(device), tokenizer
 
 
 def reads_passages(ckpt):

@@ -263,6 +263,14 @@ def default_checkpoint(out_dir="ckpt"):
     raise UserError(f"no checkpoint in {out_dir}/ and no release model in {RELEASE_DIR}/: python newgpt.py trains one")
 
 
+def chosen_checkpoint(given, device="cpu"):
+    """(file, checkpoint dict, how it was chosen) for --ckpt, or for the default when none is given: a fresh
+    run in ckpt/ silently becoming the default is what the note says."""
+    path, ckpt = find_checkpoint(given or default_checkpoint(), device)
+    how = "" if given else ", the newest in ckpt/ or else the release (--ckpt picks another)"
+    return path, ckpt, how
+
+
 def rng_state():
     """The random generators' state: the CPU's, and each CUDA device's where there are any (dropout)."""
     state = {"torch": torch.get_rng_state()}

@@ -2,7 +2,6 @@
 
 import dataclasses
 import io
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import torch
 import chat_with_model as chat
 from runtime import UserError
 import newgpt
-from conftest import REPO, TINY_FLAGS, oasst_rows, train_in_process, write_jsonl
+from conftest import REPO, TINY_FLAGS, copy_run, oasst_rows, train_in_process, write_jsonl
 
 
 def tiny_model(pos_encoding, block_size=32):
@@ -288,7 +287,7 @@ def test_bad_values_are_one_line_errors(checkpoint_dir, flags, message, capsys):
 @pytest.mark.slow
 def test_the_chat_names_the_checkpoint_it_loaded(checkpoint_dir, tmp_path):
     """Without --ckpt a fresh run in ckpt/ becomes the chat's model: one line on stderr says so."""
-    shutil.copytree(checkpoint_dir, tmp_path / "ckpt")
+    copy_run(checkpoint_dir, tmp_path / "ckpt")
     result = subprocess.run([sys.executable, str(REPO / "chat_with_model.py"), "--prompt", "hi", "--max_new_tokens",
                              "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
