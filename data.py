@@ -527,7 +527,8 @@ def build_options(cfg):
     return {"data": sources(cfg.data), "val_data": cfg.val_data, "pretrain_data": sources(cfg.pretrain_data),
             "langs": cfg.langs, "branches": cfg.branches, "max_samples": cfg.max_samples, "holdout": holdout,
             **({"knowledge": split_weight(cfg.knowledge)[0]} if cfg.knowledge else {}),
-            **({"teacher": file_digest(split_weight(cfg.teacher)[0])} if cfg.teacher else {})}
+            **({"teacher": file_digest(split_weight(cfg.teacher)[0]), "reading_answers": cfg.reading_answers}
+               if cfg.teacher else {})}
 
 
 def is_texts_file(texts):

@@ -111,6 +111,10 @@ class TrainConfig:
         "help": "a teacher's answers (teacher.py): the chats it answered take its answers in place of the human "
                 "ones, as a source of their own (PATH:WEIGHT as for --data); with --knowledge, the reading "
                 "questions are those it answered"})
+    reading_answers: str = field(default="both", metadata={
+        "help": "with --knowledge and --teacher, whose answers the reading questions take: the teacher's (only "
+                "those it answered), the records' own, or both (the teacher's where it answered)",
+        "choices": ["both", "teacher", "records"]})
     init_from: str = field(default="", metadata={
         "help": "start from this checkpoint's weights and tokenizer with a fresh optimizer and schedule (a "
                 "fine-tune); its vocabulary gains any chat-format token it lacks"})
@@ -622,7 +626,8 @@ def load_or_build_data(cfg, vocab_size, resumed):
     """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
     (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
-                                      holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0])
+                                      holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0],
+                                      reading_answers=cfg.reading_answers)
     texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
@@ -1267,7 +1272,7 @@ def configs_from_args(args):
     elif args.init_from:  # a fine-tune keeps the architecture of the model it starts from
         path, init = find_checkpoint(args.init_from)
         given["init_from"], resumed = str(path), init["model_config"]
-        given = {name: value for name, value in given.items() if name not in resumed}
+        given = {name: value for name, value in given.items() if name not in resumed or is_longer_window(name, init)}
     device_type = pick_device(given.get("device", "auto")).split(":")[0]
     max_minutes = given.get("max_minutes", resumed.get("max_minutes", 0.0))
     depth = args.depth or auto_depth(device_type, max_minutes)
@@ -1280,6 +1285,11 @@ def configs_from_args(args):
     model_config = GPTConfig(**{f.name: value(f) for f in dataclasses.fields(GPTConfig)})
     train_config = TrainConfig(**{f.name: value(f) for f in dataclasses.fields(TrainConfig)})
     return model_config, train_config, size_note(args, given, resumed, depth, size, device_type, max_minutes)
+
+
+def is_longer_window(name, init):
+    """A fine-tune may change the window of a RoPE model: its positions are computed, not learned weights."""
+    return name == "block_size" and init["model_config"].get("pos_encoding") == "rope"
 
 
 def size_note(args, given, resumed, depth, size, device_type, max_minutes):

@@ -35,10 +35,12 @@ from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_con
                   question_words, read_holdout, read_records, read_teacher_records, record_name, stream_records)
 from runtime import UserError, remove_stale_temp_files, temp_path
 
-# Three passages of about 250 characters: as many bench answers as three of 400, in 30 fewer tokens of the
-# 512-token window, which the conversation needs too (bench/RESULTS.md, "Retrieval").
+# Passages of about 250 characters: as many bench answers as of 400, in fewer tokens (bench/RESULTS.md,
+# "Retrieval"). Five hold the answer to 44 of the 48 bench questions, three to 41; a 512-token window keeps
+# only the best of them that fit beside the conversation.
 PASSAGE_CHARS = 250
-PASSAGES_PER_ANSWER = 3
+PASSAGES_PER_ANSWER = 5
+TEACHER_PASSAGES = 3  # the shipped teacher answers were asked with three: their keys hold them
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
 MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
 CANDIDATES = 30  # BM25's best, rescored on every query word
@@ -519,11 +521,17 @@ def with_passages(conversation, index, rng, k=PASSAGES_PER_ANSWER):
     return conversation | {"turns": turns[:first + 1] + [context] + turns[first + 1:]}
 
 
-def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER):
-    """Up to n Q/A pairs of one local knowledge file, each with passages retrieved from the other records
-    that hold its answer: the model learns to answer from what it reads."""
+# WordNet's answers ("The word X means ..."): learned as reading answers, the template leaks into everyday chat.
+DICTIONARY_TEMPLATE = re.compile(r"\bthe (word|term) \"?[^\".,]{1,40}\"? (means|refers to)\b", re.I)
+
+
+def reading_questions(source, index, holdout, rng, n, k=PASSAGES_PER_ANSWER, skip=frozenset()):
+    """Up to n Q/A pairs of one local knowledge file (not its records numbered in skip, nor answers in the
+    dictionary template), each with passages retrieved from the other records that hold its answer: the
+    model learns to answer from what it reads."""
     records = [(number, r) for number, r in enumerate(read_records(Path(source))) if isinstance(r, dict)
-               and r.get("instruction") and r.get("response") and not asks_holdout(r, holdout)]
+               and r.get("instruction") and r.get("response") and not asks_holdout(r, holdout)
+               and number not in skip and not DICTIONARY_TEMPLATE.search(r["response"])]
     rng.shuffle(records)
     conversations = []
     for number, record in records[:3 * n]:  # about half hold their answer; the cap bounds the searching
@@ -541,14 +549,19 @@ def reading_conversation(question, passages, answer, doc):
     return make_conversation(turns, doc) | {"source": f"reading:{doc.rpartition(':')[0]}"}
 
 
-def taught_reading_questions(knowledge, index, path, k=PASSAGES_PER_ANSWER):
-    """The reading questions the teacher answered (teacher.py), each rebuilt from its record with passages
-    retrieved again: one whose record or passages changed since no longer matches its key, and is left out."""
-    wanted = defaultdict(dict)  # file name -> {record number: teacher record}
+def taught_records(path):
+    """{knowledge file name: {record number: teacher record}} of the reading questions the teacher answered."""
+    wanted = defaultdict(dict)
     for r in read_teacher_records(path)[0]:
         if r.get("kind") == "reading" and "answer" in r:
             name, _, number = r["record"].rpartition(":")
             wanted[name][int(number)] = r
+    return wanted
+
+
+def taught_reading_questions(knowledge, index, wanted, k=TEACHER_PASSAGES):
+    """The reading questions the teacher answered (taught_records), each rebuilt from its record with passages
+    retrieved again: one whose record or passages changed since no longer matches its key, and is left out."""
     conversations = []
     for source in (f for f in source_files(knowledge) if not isinstance(f, str) and f.name in wanted):
         for number, record in enumerate(read_records(source)):
@@ -563,24 +576,24 @@ def taught_reading_questions(knowledge, index, path, k=PASSAGES_PER_ANSWER):
     return conversations
 
 
-def add_passages(texts, knowledge, holdout_files, seed, teacher="", log=print):
+def add_passages(texts, knowledge, holdout_files, seed, teacher="", reading_answers="both", log=print):
     """train_texts.json's training conversations, taught to read: chats get passages (or none), and Q/A pairs
     of the knowledge sources come with the passages that answer them, answered by the record's own response
-    or, given the teacher's answers, by the teacher (only those it answered: the records' own answers carry
-    WordNet's "The word X means" into chat). Validation stays as it was."""
+    or, given the teacher's answers, as reading_answers says: by the teacher (only those it answered), by the
+    records, or both (the teacher where it answered). Validation stays as it was."""
     from tqdm import tqdm
     index, holdout = open_index(knowledge, holdout_files, log=log), read_holdout(holdout_files)
     rng = random.Random(seed)
     started = time.time()
     chats = tqdm(texts["train"], desc="passages for chats", unit="chat", disable=log is None, mininterval=2)
     train = [with_passages(c, index, rng) for c in chats]
-    if teacher:
-        reading = taught_reading_questions(knowledge, index, teacher)
-    else:
+    taught = taught_records(teacher) if teacher and reading_answers != "records" else {}
+    reading = taught_reading_questions(knowledge, index, taught) if taught else []
+    if not teacher or reading_answers != "teacher":
         files = tqdm([f for f in source_files(knowledge) if not isinstance(f, str)], desc="reading questions",
                      unit="file", disable=log is None)
-        reading = [c for source in files
-                   for c in reading_questions(source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE)]
+        reading += [c for source in files for c in reading_questions(
+            source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE, skip=frozenset(taught.get(source.name, ())))]
     if log:
         n_with = sum(any(t["role"] == "context" for t in c["turns"]) for c in train)
         log(f"knowledge: passages for {n_with:,} of {len(train):,} chats, {len(reading):,} reading questions "

@@ -46,7 +46,7 @@ import torch
 
 from data import (HOLDOUT_FILES, build_texts, prompt_key, question_words, read_teacher_records, record_name,
                   taught_turns)
-from retrieval import format_passages, open_index, reading_questions, source_files, split_sentences
+from retrieval import TEACHER_PASSAGES, format_passages, open_index, reading_questions, source_files, split_sentences
 from runtime import UserError, atomic_write
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,7 +160,7 @@ def reading_prompts(knowledge, holdout_files, seed, per_source, log):
     index, holdout = open_index(knowledge, holdout_files, log=log), read_holdout(holdout_files)
     rng, prompts = random.Random(seed), []
     for source in (f for f in source_files(knowledge) if not isinstance(f, str)):
-        for c in reading_questions(source, index, holdout, rng, per_source):
+        for c in reading_questions(source, index, holdout, rng, per_source, k=TEACHER_PASSAGES):
             (question, passages, reference) = [t["content"] for t in c["turns"]]
             turns = [("user", question), ("context", passages)]
             prompts.append(Prompt(prompt_key(turns), record_name(c["group"]), "reading", 1, turns, question,

@@ -126,12 +126,9 @@ def is_echo(prompt, reply):
     return bool(reply_trigrams) and len(reply_trigrams & trigrams(prompt)) > len(reply_trigrams) / 2
 
 
-DICTIONARY_TEMPLATE = re.compile(r"\bthe (word|term) \"?[^\".,]{1,40}\"? (means|refers to)\b", re.I)
-
-
 def uses_dictionary_template(reply):
     """WordNet's Q/A answer "The word X means ...", leaking into an everyday answer."""
-    return DICTIONARY_TEMPLATE.search(reply) is not None
+    return retrieval.DICTIONARY_TEMPLATE.search(reply) is not None
 
 
 def distinct(replies, n):

@@ -157,7 +157,7 @@ def test_reading_answers_join_by_record_and_drop_when_their_record_changes(tmp_p
                 "tries": 1} for p in prompts]
     path = tmp_path / "answers.jsonl.gz"
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
-    joined = retrieval.taught_reading_questions(knowledge, index, path)
+    joined = retrieval.taught_reading_questions(knowledge, index, retrieval.taught_records(path))
     assert len(joined) == len(COUNTRIES)
     assert all([t["role"] for t in c["turns"]] == ["user", "context", "assistant"] for c in joined)
     rows = knowledge_rows()
@@ -165,7 +165,7 @@ def test_reading_answers_join_by_record_and_drop_when_their_record_changes(tmp_p
     qa["instruction"] = "Which city is the capital of Zembla?"
     write_jsonl(knowledge / "facts.jsonl", rows)
     index = retrieval.open_index(knowledge, log=None)
-    again = retrieval.taught_reading_questions(knowledge, index, path)
+    again = retrieval.taught_reading_questions(knowledge, index, retrieval.taught_records(path))
     assert len(again) == len(COUNTRIES) - 1 and all("Zembla" not in c["turns"][0]["content"] for c in again)
 
 
@@ -182,3 +182,27 @@ def test_training_with_teacher_answers_weights_them_as_a_source_of_their_own(tmp
     assert taught and all(c["turns"][1]["content"].startswith("The teacher says:") for c in taught)
     assert not {c["group"] for c in taught} & {c["group"] for c in human}, "a taught chat replaces the human one"
     assert texts["build"]["teacher"][0] == str(answers), "a changed answers file rebuilds the texts"
+
+
+def test_reading_questions_take_the_teachers_answer_where_it_answered_and_the_records_elsewhere(tmp_path, knowledge):
+    rows = knowledge_rows() + [{"instruction": "What is Zembla?", "response": "The word \"Zembla\" means a small "
+                                "country; its capital is Ostrova, a city on a river, and the people grow apples and pears."}]
+    write_jsonl(knowledge / "facts.jsonl", rows)
+    prompts = [p for p in teacher.reading_prompts(knowledge, [], seed=0, per_source=100, log=None)
+               if "Zembla" not in p.topic]
+    records = [{"key": p.key, "record": p.record, "kind": "reading", "turn": 1, "answer": f"Taught: {p.topic}",
+                "tries": 1} for p in prompts]
+    path = tmp_path / "answers.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    texts = {"train": [], "val": []}
+
+    def answers(reading_answers):
+        conversations = retrieval.add_passages(texts, str(knowledge), [], seed=0, teacher=str(path),
+                                               reading_answers=reading_answers, log=None)["train"]
+        return {c["turns"][0]["content"]: c["turns"][-1]["content"] for c in conversations}
+    both = answers("both")
+    assert len(both) == len(COUNTRIES), f"each question once, the template's left out: {sorted(both)}"
+    assert both["What is the capital of Zembla?"] == "The capital of Zembla is Ostrova.", "the record's own answer"
+    assert sum(a.startswith("Taught:") for a in both.values()) == len(COUNTRIES) - 1
+    assert set(answers("teacher")) == set(both) - {"What is the capital of Zembla?"}
+    assert not any(a.startswith("Taught:") for a in answers("records").values())

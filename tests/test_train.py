@@ -449,3 +449,14 @@ def test_a_diverging_run_stops_with_one_line(tmp_path, oasst_file, monkeypatch, 
     assert train_in_process(*train_args(oasst_file, out, "--max_steps", "10", "--save_interval", "1")) == 2
     line = error_line(capsys)
     assert "loss is nan at step 3" in line and "gpt_step0002.pt holds the last good weights" in line, line
+
+
+@pytest.mark.parametrize("pos_encoding, window", [("rope", 128), ("learned", 64)])
+def test_a_fine_tune_keeps_the_architecture_but_may_widen_a_rope_window(tmp_path, tokenizer, pos_encoding, window):
+    config = newgpt.GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=64, n_layer=1, n_head=2, n_embd=32,
+                              pos_encoding=pos_encoding)
+    write_checkpoint(newgpt.GPT(config), tokenizer, tmp_path / "start")
+    args = newgpt.parse_args(["--init_from", str(tmp_path / "start"), "--block_size", "128", "--n_embd", "64"])
+    model_config, _, _ = newgpt.configs_from_args(args)
+    assert (model_config.n_embd, model_config.block_size) == (32, window), \
+        "RoPE positions are computed, so only a RoPE model's window may change"
