@@ -9,390 +9,58 @@ whole conversation (rendered with the same function that rendered its training d
     printf 'Hi!\\nTell me more.\\n' | python chat_with_model.py    # one user turn per line, a transcript out
 
 With --knowledge, each user turn is first looked up in a full-text index (retrieval.py); the best passages
-enter the prompt as a context turn after it, a line names their sources, and /sources shows them. When a
-passage holds every uncommon word of the question, the same conversation without the passages is decoded
-alongside, and the answer is drawn from logits that weigh the two (context-aware decoding,
---context_weight): what the passages say outweighs what the model believes. Generation prefills the prompt
-once into a KV cache, then decodes one token at a time. Sampling first pushes repeats down (a CTRL penalty
-on recent tokens, OpenAI's frequency and presence penalties, DRY on repeated sequences, banned n-grams),
-then applies temperature (0 means greedy), top-k, top-p and min-p, and draws with a seeded torch.Generator.
-Output bytes go through an incremental UTF-8 decoder, so a character split across tokens is never printed
-broken. The model, the chat format and the checkpoint loading come from newgpt.py.
+enter the prompt as a context turn after it, a line names their sources, and /sources shows them. Sampling,
+generation and the answer to one turn are engine.py's; the model and checkpoint loading, newgpt.py's. This
+file is the conversation's state and the REPL.
 """
 
 import argparse
-import codecs
 import dataclasses
-import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 
-import torch
-
-from data import HOLDOUT_FILES, make_conversation
-from newgpt import (KVCache, autocast_context, model_from_checkpoint, pick_device, pick_dtype, reads_passages,
-                    render_conversations, token_bytes)
-from retrieval import conversation_query, format_passages, open_index
-from runtime import UserError, chosen_checkpoint
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-@dataclass
-class SamplingConfig:
-    # The defaults were chosen by bench/sampling_sweep.py on half of the bench's prompts (bench/RESULTS.md).
-    temperature: float = field(default=0.5, metadata={"help": "softmax temperature; 0 means greedy"})
-    top_k: int = field(default=0, metadata={"help": "sample from the k most likely tokens (0: off)"})
-    top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set with this mass (1: off)"})
-    min_p: float = field(default=0.05, metadata={
-        "help": "drop tokens less likely than min_p times the likeliest one (Nguyen et al. 2024; 0: off)"})
-    repetition_penalty: float = field(default=1.3, metadata={"help": "push recent tokens down by this (1: off)"})
-    repetition_window: int = field(default=64, metadata={"help": "how many recent tokens the penalty looks at"})
-    frequency_penalty: float = field(default=0.0, metadata={
-        "help": "OpenAI's: subtract this times a token's count in the answer so far from its logit (-2 to 2)"})
-    presence_penalty: float = field(default=0.0, metadata={
-        "help": "OpenAI's: subtract this from the logit of every token already in the answer (-2 to 2)"})
-    dry_multiplier: float = field(default=0.8, metadata={
-        "help": "DRY: penalise a token that would continue a repeat of the context, by multiplier * "
-                "base^(repeat length - allowed length) (0: off)"})
-    dry_base: float = field(default=1.75, metadata={"help": "DRY: how fast the penalty grows with the repeat"})
-    dry_allowed_length: int = field(default=2, metadata={"help": "DRY: the longest repeat left unpenalised"})
-    no_repeat_ngram_size: int = field(default=0, metadata={
-        "help": "never produce an n-gram of this many tokens that the context already holds (0: off)"})
-    context_weight: float = field(default=1.0, metadata={
-        "help": "with passages about the question (--knowledge): sample from (1 + w) x the logits with them - w x "
-                "the logits without, so that what they say outweighs what the model believes (Shi et al. 2023; "
-                "0: off)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "longest answer, in tokens"})
-    seed: int = field(default=1337, metadata={"help": "sampling seed; the same seed gives the same answers"})
-
-
-MAX_SEED = 2 ** 64 - 1  # the largest seed torch.Generator takes
-
-
-def check_sampling(config):
-    """Every bad value, in words a user can act on; empty when all is well. The comparisons are written
-    so that NaN fails them too."""
-    problems = []
-    if not (math.isfinite(config.temperature) and config.temperature >= 0):
-        problems.append("temperature must be a finite number >= 0")
-    if not config.top_k >= 0:
-        problems.append("top_k must be >= 0")
-    if not 0 < config.top_p <= 1:
-        problems.append("top_p must be in (0, 1]")
-    if not 0 <= config.min_p <= 1:
-        problems.append("min_p must be in [0, 1]")
-    if not (math.isfinite(config.repetition_penalty) and config.repetition_penalty >= 1):
-        problems.append("repetition_penalty must be a finite number >= 1")
-    if not config.repetition_window >= 0:
-        problems.append("repetition_window must be >= 0")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if not -2 <= getattr(config, name) <= 2:
-            problems.append(f"{name} must be between -2 and 2")
-    if not 0 <= config.dry_multiplier <= 100 or not 1 <= config.dry_base <= 10:
-        problems.append("dry_multiplier must be in [0, 100] and dry_base in [1, 10]")
-    if not 1 <= config.dry_allowed_length <= 100:
-        problems.append("dry_allowed_length must be between 1 and 100")
-    if not 0 <= config.no_repeat_ngram_size <= 100:
-        problems.append("no_repeat_ngram_size must be between 0 and 100")
-    if not 0 <= config.context_weight <= 10:
-        problems.append("context_weight must be between 0 and 10")
-    if not config.max_new_tokens >= 1:
-        problems.append("max_new_tokens must be >= 1")
-    if not 0 <= config.seed <= MAX_SEED:
-        problems.append(f"seed must be between 0 and {MAX_SEED}")
-    return problems
-
-
-def apply_repetition_penalty(logits, recent_ids, penalty):
-    """CTRL (Keskar et al. 2019): make tokens seen recently less likely, dividing a positive logit and
-    multiplying a negative one, so the penalty always pushes down."""
-    if penalty == 1.0 or not recent_ids:
-        return logits
-    ids = torch.tensor(sorted(set(recent_ids)), device=logits.device)
-    chosen = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
-    return logits
-
-
-def apply_frequency_presence(logits, answer_ids, frequency_penalty, presence_penalty):
-    """OpenAI's penalties: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, where
-    count[j] is how often token j occurs in the answer so far (the prompt does not count)."""
-    if not answer_ids or (frequency_penalty == 0 and presence_penalty == 0):
-        return logits
-    counts = torch.bincount(torch.tensor(answer_ids, device=logits.device), minlength=logits.size(-1))
-    return logits - counts * frequency_penalty - (counts > 0) * presence_penalty
-
-
-def dry_penalties(context, multiplier, base, allowed_length, max_length=64):
-    """DRY, "don't repeat yourself" (Weidmann 2024, in llama.cpp and text-generation-webui): {token: penalty}.
-    Where the context's last tokens occurred before, the token that followed them then would continue the
-    repeat now; the longer the repeat it would extend, the larger its penalty: multiplier *
-    base^(length - allowed_length), for repeats of at least allowed_length tokens."""
-    penalties, n = {}, len(context)
-    if multiplier == 0 or n < 2:
-        return penalties
-    for j in range(n - 2, -1, -1):  # j: the end of an earlier occurrence of the context's last token(s)
-        length = 0
-        while length <= j and length < max_length and context[j - length] == context[n - 1 - length]:
-            length += 1
-        if length >= allowed_length:
-            follower = context[j + 1]
-            penalties[follower] = max(penalties.get(follower, 0.0), multiplier * base ** (length - allowed_length))
-    return penalties
-
-
-def banned_by_ngrams(context, n):
-    """Tokens that would complete an n-gram the context already holds (transformers' no_repeat_ngram_size)."""
-    if n < 1 or len(context) < n:
-        return set()
-    prefix = tuple(context[len(context) - n + 1:]) if n > 1 else ()
-    return {context[i + n - 1] for i in range(len(context) - n + 1) if tuple(context[i:i + n - 1]) == prefix}
-
-
-def penalize(logits, config, context, answer):
-    """Every repetition penalty of `config`, for the next token after `context` (the model's window), whose
-    last len(answer) tokens are the answer so far."""
-    logits = apply_repetition_penalty(logits, context[-config.repetition_window:] if config.repetition_window
-                                      else [], config.repetition_penalty)
-    logits = apply_frequency_presence(logits, answer, config.frequency_penalty, config.presence_penalty)
-    dry = dry_penalties(context, config.dry_multiplier, config.dry_base, config.dry_allowed_length)
-    if dry:
-        ids = torch.tensor(list(dry), device=logits.device)
-        logits = logits.index_put((ids,), -torch.tensor(list(dry.values()), device=logits.device), accumulate=True)
-    banned = banned_by_ngrams(context, config.no_repeat_ngram_size)
-    if banned:
-        logits = logits.index_fill(0, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
-    return logits
-
-
-def filter_top_k_top_p(logits, top_k, top_p):
-    """Set to -inf every logit outside the top k and outside the smallest set whose probability reaches p."""
-    if top_k and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # keep a token if the mass before it is still short of p: the smallest set reaching p
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
-    return logits
-
-
-def filter_min_p(logits, min_p):
-    """Set to -inf every logit whose probability is below min_p times the likeliest token's."""
-    if min_p == 0:
-        return logits
-    probs = logits.softmax(-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-
-
-def sample_next(logits, config, context, answer, generator):
-    """One token id from a (vocab_size,) row of logits: penalties, then greedy (temperature 0) or
-    temperature, top-k, top-p and min-p (transformers' order), then a draw."""
-    logits = penalize(logits.float(), config, context, answer)
-    if config.temperature == 0:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
-    logits = filter_min_p(logits, config.min_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
-# -----------------------------------------------------------------------------
-# Generation
-
-
-def window_start(n_tokens, start, block_size):
-    """Where the model's context begins. When the tokens outgrow the window, it jumps forward to keep the
-    newest half: the cache must be rebuilt after any jump, and jumping by half makes that rare."""
-    if n_tokens - start > block_size:
-        return n_tokens - block_size // 2
-    return start
-
-
-class Window:
-    """The tokens the model reads while it generates, and their KV cache: the context is prefilled once, then
-    each step feeds only the newest token. When the tokens outgrow the window it jumps (window_start) and the
-    cache is rebuilt; without a cache, each step re-runs the whole window. Both see the same context."""
-
-    def __init__(self, model, tokens, use_cache, ctx):
-        self.model, self.tokens, self.use_cache, self.ctx = model, list(tokens), use_cache, ctx
-        self.start, self.cache = 0, None
-        self.device = next(model.parameters()).device
-
-    def next_logits(self):
-        """The model's logits (vocab_size,) for the token after self.tokens."""
-        new_start = window_start(len(self.tokens), self.start, self.model.config.block_size)
-        if self.use_cache and self.cache is not None and new_start == self.start:
-            feed = self.tokens[-1:]  # everything before it is in the cache
-        else:
-            self.start, self.cache = new_start, KVCache(self.model.config) if self.use_cache else None
-            feed = self.tokens[self.start:]
-        with self.ctx or nullcontext():
-            logits, _ = self.model(torch.tensor([feed], device=self.device), kv_cache=self.cache)
-        return logits[0, -1]
-
-
-@torch.inference_mode()  # no autograd bookkeeping at all, which no_grad still keeps: faster per token
-def generate(model, prompt_ids, config, stop_ids=(), generator=None, use_cache=True, ctx=None, logit_bias=None,
-             passages=(0, 0)):
-    """Yield (token id, the model's logits for it) one token at a time, until a stop id (yielded too) or
-    config.max_new_tokens. logit_bias ({id: value}) is added to the logits before sampling. prompt_ids
-    [passages[0]:passages[1]] is the passages' turn: the repetition penalties do not look at it (copying from
-    it is the point), and with config.context_weight w the token is drawn from (1 + w) * logits - w * logits
-    of the same conversation without the passages. That is context-aware decoding (Shi et al. 2023): what the
-    passages say outweighs what the model believes anyway, so that a small model reads instead of guessing."""
-    device = next(model.parameters()).device
-    read, (first, last) = Window(model, prompt_ids, use_cache, ctx), passages
-    unread = Window(model, prompt_ids[:first] + prompt_ids[last:], use_cache, ctx) \
-        if last > first and config.context_weight else None
-    if logit_bias:
-        bias_ids = torch.tensor(list(logit_bias), device=device)
-        bias_values = torch.tensor(list(logit_bias.values()), device=device)
-    for _ in range(config.max_new_tokens):
-        row = read.next_logits()
-        steered = row if unread is None else torch.lerp(unread.next_logits().float(), row.float(),
-                                                         1 + config.context_weight)
-        biased = steered.index_add(0, bias_ids, bias_values.to(steered.dtype)) if logit_bias else steered
-        tokens, start = read.tokens, read.start
-        seen = tokens[start:first] + tokens[max(start, last):] if last > start else tokens[start:]
-        next_id = sample_next(biased, config, seen, tokens[len(prompt_ids):], generator)
-        yield next_id, row
-        if next_id in stop_ids:
-            return
-        for window in (read, unread) if unread else (read,):
-            window.tokens.append(next_id)
-
-
-class Utf8Stream:
-    """Token ids in, printable text out: bytes are held back until they complete a UTF-8 character."""
-
-    def __init__(self, table):
-        self.table = table  # token_bytes(tokenizer): the raw bytes of each token id
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id):
-        return self.decoder.decode(self.table[token_id])
-
-    def flush(self):
-        return self.decoder.decode(b"", final=True)
-
+from engine import add_model_arguments, apply_settings, load_engine
+from retrieval import format_passages
+from runtime import UserError
 
 # -----------------------------------------------------------------------------
 # The conversation
 
 
-class ContextLengthExceeded(UserError):
-    """The newest message does not fit the context window whole (the API refuses it; the terminal cuts it)."""
-
-
 class Chat:
-    """History, prompt rendering within the context window, and streaming answers."""
+    """The terminal's conversation: its history, system prompt and settings, answered by the engine."""
 
-    def __init__(self, model, tokenizer, sampling, device, dtype, index=None):
-        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
-        self.index = index  # a KnowledgeIndex to look things up in (--knowledge), or None
-        self.retrieval = index is not None  # /retrieval on|off
-        self.passages = []  # what was looked up for the newest user turn
-        self.steer = False  # whether the passages are about that turn: then context_weight applies
-        self.ctx = autocast_context(device, dtype)
-        # On the model's device: torch.multinomial samples there, from logits that never leave it.
-        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
-        self.system = ""
+    def __init__(self, engine, sampling, system=""):
+        self.engine, self.sampling, self.system = engine, sampling, system
+        self.retrieval = engine.index is not None  # /retrieval on|off
+        self.generator = engine.generator(sampling.seed)
         self.history = []  # (role, content) pairs, oldest first
-        # Far more characters than fit in the window; bounds the tokenizer's work on a pasted novel.
-        self.max_input_chars = 32 * model.config.block_size
-        self.assistant_id = tokenizer.token_to_id("<|assistant|>")
-        self.end_id = tokenizer.token_to_id("<|end|>")
-        self.context_id = tokenizer.token_to_id("<|context|>")
-        self.token_table = token_bytes(tokenizer)
+        self.turn, self.last_reply = None, None
+
+    @property
+    def passages(self):
+        """What was looked up for the newest user turn."""
+        return self.turn.passages if self.turn else []
 
     def reset(self):
         self.history = []
 
-    def render(self, history, passages=()):
-        """The prompt: the system prompt, the history, the passages for the newest user turn, <|assistant|>."""
-        turns = ([("system", self.system)] if self.system else []) + history
-        turns += [("context", format_passages(passages))] if passages else []
-        ids, _ = render_conversations(self.tokenizer, [make_conversation(turns, "chat")])[0]
-        return ids + [self.assistant_id]
+    def add_user_turn(self, user_text):
+        """Append a user turn (dropping the oldest that no longer fit) and return it prepared (a Turn)."""
+        self.turn = self.engine.prepare(self.system, self.history, user_text, self.sampling.max_new_tokens,
+                                        self.retrieval)
+        self.history = list(self.turn.history)
+        return self.turn
 
-    def look_up(self, history):
-        """(passages, query) for the newest user turn (a short follow-up also uses the turns before it)."""
-        if not self.retrieval:
-            return [], ""
-        query = conversation_query([content for role, content in history if role == "user"])
-        return self.index.search(query), query
-
-    def add_user_turn(self, user_text, cut_to_fit=True):
-        """Append a user turn, look up passages for it, and return (prompt ids, notice). The oldest exchanges
-        are dropped (never the system prompt) until the prompt leaves room for max_new_tokens, then the
-        weakest passages; a message too long on its own keeps its end (or, not cut_to_fit, is refused with
-        ContextLengthExceeded). The notice says what was cut."""
-        block_size = self.model.config.block_size
-        # A longer answer than fits slides the window during generation; the prompt keeps at least half.
-        budget = max(block_size // 2, block_size - self.sampling.max_new_tokens)
-        history = self.history + [("user", user_text[-self.max_input_chars:])]
-        passages, query = self.look_up(history)
-        while len(history) > 1 and len(self.render(history, passages)) > budget:
-            history = history[1:]
-            while history[0][0] == "assistant":  # drop whole exchanges: the history starts with a question
-                history = history[1:]
-        while passages and len(self.render(history, passages)) > budget:
-            passages = passages[:-1]
-        # A follow-up is judged by the query that looked its passages up: with the turns it leans on.
-        self.passages, self.steer = passages, bool(passages) and self.index.is_about(passages, query)
-        dropped = len(self.history) + 1 - len(history)
-        ids = self.render(history, passages)
-        notice = f"(dropped the {dropped} oldest turns to fit the context window)" if dropped else ""
-        if not cut_to_fit and (len(ids) > budget or len(user_text) > self.max_input_chars):
-            raise ContextLengthExceeded(
-                f"the newest message ({len(user_text):,} characters) does not fit this model's {block_size}-token "
-                f"context window with {self.sampling.max_new_tokens} tokens left for the answer: shorten it "
-                f"or lower max_tokens")
-        if len(ids) > budget:
-            while len(ids) > budget:  # re-encoding a cut text can merge tokens differently: repeat until it fits
-                kept = self.tokenizer.encode(history[-1][1]).ids[len(ids) - budget:]
-                if not kept:
-                    raise UserError("the system prompt leaves no room for a message; shorten it or lower "
-                                    "max_new_tokens")
-                history[-1] = ("user", self.tokenizer.decode(kept))
-                ids = self.render(history)
-            notice = (f"(your message has {len(user_text):,} characters, more than fits in the context window: "
-                      f"kept its last {len(history[-1][1]):,})")
-        self.history = history
-        return ids, notice
-
-    def stream_reply(self, prompt_ids, logit_bias=None, on_token=None):
-        """Yield the answer's text in pieces as it is generated; the answer joins the history, also when
-        the caller stops early (Ctrl-C). on_token(token id, logits) sees each token before its piece."""
-        stream, pieces = Utf8Stream(self.token_table), []
-        self.last_answer_tokens = 0
-        passages = (0, 0)  # where the passages' turn is in the prompt
-        if self.context_id in prompt_ids:
-            start = prompt_ids.index(self.context_id)
-            passages = (start, prompt_ids.index(self.end_id, start) + 1)
-        sampling = self.sampling if self.steer else dataclasses.replace(self.sampling, context_weight=0.0)
+    def stream_reply(self, turn):
+        """Yield the answer's text in pieces; the answer joins the history, also when the caller stops early
+        (Ctrl-C)."""
+        self.last_reply = self.engine.reply(turn, self.sampling, self.generator)
         try:
-            for token_id, logits in generate(self.model, prompt_ids, sampling, (self.end_id,), self.generator,
-                                             ctx=self.ctx, logit_bias=logit_bias, passages=passages):
-                if token_id == self.end_id:
-                    break
-                self.last_answer_tokens += 1
-                if on_token:
-                    on_token(token_id, logits)
-                pieces.append(stream.push(token_id))
-                yield pieces[-1]
-            pieces.append(stream.flush())
-            yield pieces[-1]
+            yield from self.last_reply
         finally:
-            self.history.append(("assistant", "".join(pieces)))
+            self.history.append(("assistant", self.last_reply.text))
 
 
 # -----------------------------------------------------------------------------
@@ -409,26 +77,6 @@ HELP = """commands:
   /quit, exit, Ctrl-D   leave; Ctrl-C stops an answer, and at an empty prompt leaves"""
 
 
-def apply_settings(sampling, assignments):
-    """'/set a=1 b=2' -> a new SamplingConfig, or UserError naming every bad part; nothing changes on error."""
-    types = {f.name: type(f.default) for f in dataclasses.fields(SamplingConfig)}
-    changes, problems = {}, []
-    for assignment in assignments:
-        name, _, value = assignment.partition("=")
-        if name not in types or not value:
-            problems.append(f"{assignment!r} is not NAME=VALUE with NAME one of {', '.join(types)}")
-            continue
-        try:
-            changes[name] = types[name](value)
-        except ValueError:
-            problems.append(f"{name} needs {'an integer' if types[name] is int else 'a number'}, got {value!r}")
-    updated = dataclasses.replace(sampling, **changes)
-    problems += check_sampling(updated)
-    if problems or not assignments:
-        raise UserError("; ".join(problems) or "usage: /set NAME=VALUE ...")
-    return updated
-
-
 def sources_line(passages):
     """One short line naming where the passages came from: their titles (or first words)."""
     names = [p.title or " ".join(p.text.split()[:6]) + " ..." for p in passages]
@@ -439,11 +87,11 @@ def stream_answer(chat, user_text, out, show_speed, notes=None):
     """Stream one answer to out; the sources line goes to notes (by default stderr: with --prompt, stdout
     holds the answer alone)."""
     started = time.time()
-    prompt_ids, notice = chat.add_user_turn(user_text)
-    if notice:
-        print(notice, file=sys.stderr)
+    turn = chat.add_user_turn(user_text)
+    if turn.notice:
+        print(turn.notice, file=sys.stderr)
     try:
-        for piece in chat.stream_reply(prompt_ids):
+        for piece in chat.stream_reply(turn):
             out.write(piece)
             out.flush()
     except KeyboardInterrupt:
@@ -453,9 +101,8 @@ def stream_answer(chat, user_text, out, show_speed, notes=None):
         out.flush()
         (notes or sys.stderr).write(sources_line(chat.passages) + "\n")
     if show_speed:
-        seconds = time.time() - started
-        out.write(f"[{chat.last_answer_tokens} tokens in {seconds:.2f}s, "
-                  f"{chat.last_answer_tokens / max(seconds, 1e-9):.1f} tok/s]\n")
+        seconds, tokens = time.time() - started, chat.last_reply.tokens
+        out.write(f"[{tokens} tokens in {seconds:.2f}s, {tokens / max(seconds, 1e-9):.1f} tok/s]\n")
     out.flush()
 
 
@@ -476,7 +123,7 @@ def handle_command(chat, line, out):
     elif command == "/sources":
         out.write((format_passages(chat.passages) if chat.passages else "(no passages for the last answer)") + "\n")
     elif command == "/retrieval":
-        if chat.index is None or rest.strip() not in ("on", "off"):
+        if chat.engine.index is None or rest.strip() not in ("on", "off"):
             out.write("usage: /retrieval on|off (needs --knowledge PATH)\n")
         else:
             chat.retrieval = rest.strip() == "on"
@@ -532,42 +179,10 @@ def repl(chat, interactive, show_speed):
             out.write("\n")
 
 
-def add_model_arguments(parser):
-    """The flags that pick the checkpoint, the device and the sampling: shared with serve.py."""
-    parser.add_argument("--ckpt", help="checkpoint file, or a directory to take the newest from (default: the "
-                                       "newest in ckpt/, else the release model shipped in ckpt/release/)")
-    parser.add_argument("--system", default="", help="system prompt")
-    parser.add_argument("--knowledge", help="look things up before each answer in this knowledge file, folder "
-                                            "or dataset id (indexed on first use, then cached; retrieval.py)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: float32 on CPU (a one-token step under bf16 autocast re-casts every weight, "
-                             "which costs more than it saves), bf16 on CUDA")
-    for f in dataclasses.fields(SamplingConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata['help']} (default: {f.default})")
-
-
 def load_chat(args):
     """(Chat, checkpoint path, checkpoint dict) for the parsed flags, or a UserError naming what is wrong."""
-    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
-    problems = check_sampling(sampling)
-    if problems:
-        raise UserError("; ".join(problems))
-    device = pick_device(args.device)
-    path, ckpt, how = chosen_checkpoint(args.ckpt, device)
-    model, tokenizer = model_from_checkpoint(path, ckpt, device)
-    dtype = "float32" if args.dtype == "auto" and device == "cpu" else pick_dtype(args.dtype, device)
-    index = None
-    if args.knowledge:
-        if not reads_passages(ckpt):
-            raise UserError(f"{path} was not trained to read passages, so --knowledge would only confuse it; "
-                            f"train or fine-tune one with newgpt.py --knowledge PATH")
-        index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
-    chat = Chat(model.eval(), tokenizer, sampling, device, dtype, index)
-    chat.system = args.system
-    print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
-    return chat, path, ckpt
+    engine, sampling, path, ckpt = load_engine(args)
+    return Chat(engine, sampling, args.system), path, ckpt
 
 
 def build_parser():
@@ -592,8 +207,9 @@ def main(argv=None):
         if interactive:
             enable_line_editing()
             val = ckpt.get("val_loss")
-            print(f"TinyGPT {chat.model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
-                  f"{f', val loss {val:.3f}' if val is not None else ''}, on {chat.model.lm_head.weight.device}. "
+            model = chat.engine.model
+            print(f"TinyGPT {model.num_params() / 1e6:.1f}M params, step {ckpt['step']}"
+                  f"{f', val loss {val:.3f}' if val is not None else ''}, on {model.lm_head.weight.device}. "
                   f"/help for commands.")
         repl(chat, interactive, args.show_speed)
         return 0

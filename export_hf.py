@@ -12,7 +12,7 @@ written as zeros. The seed recipe (learned positions, GELU, biases) is GPT-2. On
 NeoX fuses q, k and v per head, and GPT-2's Conv1D stores each matrix transposed.
 
 This is the only file that imports transformers; the model, the chat format and load_checkpoint come from
-newgpt.py, the sampling defaults from chat_with_model.py.
+newgpt.py, the sampling defaults from engine.py.
 """
 
 import argparse
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from chat_with_model import SamplingConfig
+from engine import SamplingConfig
 from data import split_weight
 from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, load_checkpoint
 from retrieval import source_files

@@ -25,7 +25,8 @@ GPUs) and torch.compile; atomic checkpoints that resume (a step-based run bit-ex
 torch.compile), on CPU, CUDA or MPS.
 Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources; --knowledge PATH,
 which trains the model to read passages retrieved for each question (retrieval.py); --init_from, a fine-tune.
-chat_with_model.py imports the model and the chat format from here, so training and chatting agree.
+engine.py (sampling and generation, under the terminal chat and the server) imports the model and the chat
+format from here, so training and chatting agree.
 """
 
 import argparse

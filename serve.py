@@ -12,8 +12,8 @@ already speaks it.
 Endpoints: GET / (serve.html, self-contained: no CDN), POST /v1/chat/completions (OpenAI's Chat Completions
 schema, streamed as server-sent events with "stream": true), GET /v1/models and GET /health.
 
-The model is loaded once. Generation reuses the terminal chat's Chat (history truncation, sampling, UTF-8
-safe streaming) on one worker thread that takes requests in order of arrival: a small CPU has no spare
+The model is loaded once. Each request is answered by the engine (engine.py: history truncation, sampling,
+UTF-8 safe streaming) as the terminal chat's turns are, with nothing kept between requests, on one worker thread that takes requests in order of arrival: a small CPU has no spare
 cores for a second generation, so running two at once would only make both slower. A client that
 disconnects stops its generation at the next token; Ctrl-C or SIGTERM ends the answers in flight whole
 before the server exits. Bodies, message counts, max_tokens and the queue are bounded; every error is an
@@ -48,8 +48,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from chat_with_model import (ContextLengthExceeded, SamplingConfig, add_model_arguments, check_sampling,
-                             load_chat)
+from engine import ContextLengthExceeded, SamplingConfig, add_model_arguments, check_sampling, load_engine
 from runtime import UserError
 
 PAGE = Path(__file__).resolve().parent / "serve.html"
@@ -279,8 +278,8 @@ class Finished:
 
 
 class Worker:
-    def __init__(self, chat, limits):
-        self.chat, self.limits, self.jobs = chat, limits, queue.Queue()
+    def __init__(self, engine, limits):
+        self.engine, self.limits, self.jobs = engine, limits, queue.Queue()
         self.current, self.cancelled = None, 0  # cancelled: generations whose client left, or hit a stop sequence
         self.stopping = False
         threading.Thread(target=self.run, daemon=True, name="generation").start()
@@ -328,35 +327,34 @@ class Worker:
 
     def generate(self, job):
         """Send each text piece to the job's queue; return Finished with the token counts."""
-        chat = self.chat
-        chat.sampling, chat.system, chat.history = job.sampling, job.system, list(job.history)
-        chat.generator.manual_seed(job.sampling.seed)
-        chat.retrieval = job.retrieval
-        prompt_ids, _ = chat.add_user_turn(job.user_text, cut_to_fit=False)
+        engine = self.engine
+        turn = engine.prepare(job.system, job.history, job.user_text, job.sampling.max_new_tokens, job.retrieval,
+                              cut_to_fit=False)
         entries = []
 
         def record_logprobs(token_id, logits):
-            entries.append(logprob_entry(chat, logits, token_id, job.top_logprobs))
+            entries.append(logprob_entry(engine, logits, token_id, job.top_logprobs))
         on_token = record_logprobs if job.top_logprobs is not None else None
-        for text in chat.stream_reply(prompt_ids, job.logit_bias, on_token):
+        reply = engine.reply(turn, job.sampling, engine.generator(job.sampling.seed), job.logit_bias, on_token)
+        for text in reply:
             if job.cancelled.is_set():
                 self.cancelled += 1
                 break
             job.loop.call_soon_threadsafe(job.out.put_nowait, Piece(text, entries[:]))
             entries.clear()
-        ended = chat.last_answer_tokens < job.sampling.max_new_tokens
-        sources = [{"title": p.title, "text": p.text, "source": p.source} for p in chat.passages]
-        return Finished(len(prompt_ids), chat.last_answer_tokens + ended, "stop" if ended else "length", sources)
+        finish_reason = reply.finish_reason or "stop"  # stopped early: by a stop sequence, or its client left
+        sources = [{"title": p.title, "text": p.text, "source": p.source} for p in turn.passages]
+        return Finished(len(turn.prompt.ids), reply.tokens + (finish_reason == "stop"), finish_reason, sources)
 
 
-def logprob_entry(chat, logits, token_id, top):
+def logprob_entry(engine, logits, token_id, top):
     """OpenAI's logprobs entry of one token: its log-probability under the model (log_softmax of the model's
     logits, before any penalty or temperature), its text and bytes, and the `top` likeliest tokens'. A special
     token's text is its name, such as <|user|>."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
 
     def entry(i, logprob):
-        raw = chat.token_table[i] or chat.tokenizer.id_to_token(i).encode()
+        raw = engine.token_table[i] or engine.tokenizer.id_to_token(i).encode()
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
     values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0, dtype=torch.long))
     top_entries = [entry(i, v) for i, v in zip(ids.tolist(), values.tolist())]
@@ -426,10 +424,11 @@ async def read_json(request, limits):
         raise ApiError(400, f"the body is not valid JSON ({e})")
 
 
-def create_app(chat, model_id, defaults, api_key="", limits=None):
-    """The FastAPI app around one Chat (its model, tokenizer and device)."""
+def create_app(engine, model_id, defaults, api_key="", limits=None):
+    """The FastAPI app around one Engine (its model, tokenizer and index), answering with `defaults` (a
+    SamplingConfig) where a request does not say."""
     limits = limits or Limits()
-    worker = Worker(chat, limits)
+    worker = Worker(engine, limits)
     app = FastAPI(title="TinyGPT", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text(encoding="utf-8")
 
@@ -457,7 +456,7 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
     @app.get("/health")
     async def health():
         sampling = dataclasses.asdict(defaults) | {"max_tokens": defaults.max_new_tokens}
-        knowledge = {"passages": chat.index.n_passages} if chat.index else None
+        knowledge = {"passages": engine.index.n_passages} if engine.index else None
         return {"status": "ok", "model": model_id, "generating": worker.busy, "waiting": worker.jobs.qsize(),
                 "cancelled": worker.cancelled, "threads": threading.active_count(), "memory_mb": resident_mb(),
                 "sampling": sampling, "knowledge": knowledge}
@@ -480,11 +479,11 @@ def create_app(chat, model_id, defaults, api_key="", limits=None):
         stops = stops_of(body, limits)
         system, history, user_text = conversation_of(body.messages, limits)
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if body.retrieval and chat.index is None:
+        if body.retrieval and engine.index is None:
             raise ApiError(400, "retrieval: this server has no knowledge index (start it with --knowledge PATH)",
                            "retrieval")
-        retrieval = chat.index is not None and body.retrieval is not False
-        job = Job(system, history, user_text, sampling, logit_bias_of(body, chat.model.config.vocab_size),
+        retrieval = engine.index is not None and body.retrieval is not False
+        job = Job(system, history, user_text, sampling, logit_bias_of(body, engine.model.config.vocab_size),
                   top_logprobs, retrieval, asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
         worker.submit(job)
         if body.stream:
@@ -621,7 +620,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server as Ctrl-C does
     try:
         sock = listen(args.host, args.port)
-        chat, path, ckpt = load_chat(args)
+        engine, defaults, path, ckpt = load_engine(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -631,7 +630,7 @@ def main(argv=None):
     where = "loopback only: other machines cannot connect; --host 0.0.0.0 opens it to the network" \
         if args.host in LOOPBACK else f"open to the network on {args.host}" + ("" if args.api_key else ", with no --api_key")
     print(f"serving {model_id} on http://{args.host}:{sock.getsockname()[1]} ({where}); Ctrl-C stops", flush=True)
-    app = create_app(chat, model_id, chat.sampling, args.api_key)
+    app = create_app(engine, model_id, defaults, args.api_key)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
     try:
         Server(config, app.state.worker).run(sockets=[sock])

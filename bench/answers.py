@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chat_with_model as chat  # noqa: E402
+import engine  # noqa: E402
 import newgpt  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
@@ -20,10 +20,10 @@ PROMPTS = ["What is the capital of France?", "Give me three tips for staying hea
 
 
 def answer(model, tokenizer, prompt, max_new_tokens):
-    sampling = chat.SamplingConfig(max_new_tokens=max_new_tokens)
-    session = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
-    prompt_ids, _ = session.add_user_turn(prompt)
-    return "".join(session.stream_reply(prompt_ids)).strip()
+    sampling = engine.SamplingConfig(max_new_tokens=max_new_tokens)
+    answering = engine.Engine(model.eval(), tokenizer, "cpu", "float32")
+    turn = answering.prepare("", [], prompt, max_new_tokens)
+    return "".join(answering.reply(turn, sampling, answering.generator(sampling.seed))).strip()
 
 
 def table_row(cells):

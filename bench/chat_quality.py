@@ -29,8 +29,6 @@ shuffled to the wrong questions (the floor). Results are appended to bench/resul
 import argparse
 import dataclasses
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import chat_with_model as chat  # noqa: E402
+import engine  # noqa: E402
 import retrieval  # noqa: E402
 from data import HOLDOUT_FILES, conversations_from_sources  # noqa: E402
 from runtime import UserError  # noqa: E402
@@ -92,18 +90,17 @@ def answer_all(model, tokenizer, prompts, sampling, index=None, k=retrieval.PASS
     """One fresh conversation per prompt, each with its own seed (and with retrieval when given an index)."""
     replies = []
     timed = TimedIndex(index, k) if index else None
+    answering = engine.Engine(model.eval(), tokenizer, "cpu", "float32", timed)
     for i, prompt in enumerate(prompts):
-        conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32", timed)
-        conversation.generator.manual_seed(sampling.seed + i)
         started = time.perf_counter()
-        prompt_ids, _ = conversation.add_user_turn(prompt)
-        pieces = conversation.stream_reply(prompt_ids)
+        turn = answering.prepare("", [], prompt, sampling.max_new_tokens)
+        reply = answering.reply(turn, sampling, answering.generator(sampling.seed + i))
+        pieces = iter(reply)
         text = next(pieces, "")
         first_token_s = time.perf_counter() - started
         text += "".join(pieces)
-        replies.append(Reply(text, conversation.last_answer_tokens < sampling.max_new_tokens,
-                             retrieval.format_passages(conversation.passages), first_token_s,
-                             timed.seconds[-1] if timed else 0.0))
+        replies.append(Reply(text, reply.finish_reason == "stop", retrieval.format_passages(turn.passages),
+                             first_token_s, timed.seconds[-1] if timed else 0.0))
     return replies
 
 
@@ -265,10 +262,10 @@ def main():
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     questions, prompts = half(read_jsonl(args.questions), args.half), half(read_jsonl(args.prompts), args.half)
-    sampling = chat.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = engine.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
     if args.set:
         try:
-            sampling = chat.apply_settings(sampling, args.set)
+            sampling = engine.apply_settings(sampling, args.set)
         except UserError as e:
             raise SystemExit(f"error: --set: {e}")
     embedder, word_list = load_embedder(), load_word_list()

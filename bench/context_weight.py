@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_quality  # noqa: E402  (it puts the repository on the path)
-import chat_with_model as chat  # noqa: E402
+import engine  # noqa: E402
 import newgpt  # noqa: E402
 import retrieval  # noqa: E402
 from data import HOLDOUT_FILES  # noqa: E402
@@ -52,7 +52,7 @@ def main():
     for weight in args.weights:
         started, totals = time.time(), [0, 0, 0]
         for seed in args.seeds:
-            sampling = chat.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=seed, context_weight=weight)
+            sampling = engine.SamplingConfig(max_new_tokens=args.max_new_tokens, seed=seed, context_weight=weight)
             totals = [a + b for a, b in zip(totals, ask(model, tokenizer, questions, sampling, index))]
         right, found, read = totals
         print(f"| {weight:g} | {right} | {found} | {read / max(1, found):.2f} | {time.time() - started:.0f} |",

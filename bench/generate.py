@@ -17,12 +17,13 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chat_with_model as chat  # noqa: E402
+import engine  # noqa: E402
 import export_hf  # noqa: E402
 import newgpt  # noqa: E402
 
@@ -30,10 +31,11 @@ import newgpt  # noqa: E402
 def timed_generation(model, prompt, config, use_cache, ctx):
     started = time.perf_counter()
     tokens, first_token_s = [], None
-    for token, _ in chat.generate(model, prompt, config, use_cache=use_cache, ctx=ctx):
-        if first_token_s is None:
-            first_token_s = time.perf_counter() - started
-        tokens.append(token)
+    with ctx or nullcontext():
+        for token, _ in engine.generate(model, engine.Prompt(prompt), config, use_cache=use_cache):
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - started
+            tokens.append(token)
     total = time.perf_counter() - started
     return tokens, first_token_s, (len(tokens) - 1) / (total - first_token_s), total
 
@@ -61,7 +63,7 @@ def main():
     hf_model = export_hf.to_hf_model(model, {"bos": None, "eos": None, "pad": None})
     block_size = model.config.block_size
     ctx = newgpt.autocast_context("cpu", args.dtype)
-    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
+    config = engine.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
                                  max_new_tokens=args.new_tokens)
     print(f"model: {model.num_params() / 1e6:.2f}M params, block_size {block_size}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens per run, medians of {args.repeats}\n")

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_quality  # noqa: E402
 
-chat = chat_quality.chat
+engine = chat_quality.engine
 
 # name -> /set assignments on top of the chat's defaults when this sweep was written (today's row)
 TODAY = ["temperature=0.3", "top_k=40", "top_p=0.9", "min_p=0", "repetition_penalty=1.3",
@@ -56,7 +56,7 @@ RESULTS = chat_quality.REPO / "bench" / "results" / "sampling_sweep.jsonl"
 def score(ckpt, settings, which, data, max_new_tokens):
     """chat_quality's row for one setting on one half."""
     questions, prompts, embedder, word_list = data
-    sampling = chat.apply_settings(chat.SamplingConfig(max_new_tokens=max_new_tokens), TODAY + settings)
+    sampling = engine.apply_settings(engine.SamplingConfig(max_new_tokens=max_new_tokens), TODAY + settings)
     row = chat_quality.evaluate(ckpt, chat_quality.half(questions, which), chat_quality.half(prompts, which),
                                 sampling, embedder, word_list)
     return row | {"half": which, "sampling": dataclasses.asdict(sampling)}

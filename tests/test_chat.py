@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import chat_with_model as chat
+import engine
 from runtime import UserError
 import newgpt
 from conftest import REPO, TINY_FLAGS, copy_run, oasst_rows, train_in_process, write_jsonl
@@ -55,25 +56,25 @@ def test_kv_cache_matches_full_forward(pos_encoding):
 @pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
 def test_greedy_generation_with_cache_equals_without_past_the_window(pos_encoding):
     model = tiny_model(pos_encoding)
-    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=150, repetition_penalty=1.3)
+    config = engine.SamplingConfig(temperature=0.0, max_new_tokens=150, repetition_penalty=1.3)
     prompt = torch.randint(0, 300, (20,)).tolist()
-    cached = [t for t, _ in chat.generate(model, prompt, config, use_cache=True)]
-    uncached = [t for t, _ in chat.generate(model, prompt, config, use_cache=False)]
+    cached = [t for t, _ in engine.generate(model, engine.Prompt(prompt), config, use_cache=True)]
+    uncached = [t for t, _ in engine.generate(model, engine.Prompt(prompt), config, use_cache=False)]
     assert len(cached) == 150, "150 tokens run well past the 32-token window"
     assert cached == uncached
 
 
 def test_window_keeps_the_newest_half_when_full():
-    assert chat.window_start(32, 0, 32) == 0
-    assert chat.window_start(33, 0, 32) == 17, "33 tokens overflow a 32 window: keep the newest 16"
-    assert chat.window_start(40, 17, 32) == 17
+    assert engine.window_start(32, 0, 32) == 0
+    assert engine.window_start(33, 0, 32) == 17, "33 tokens overflow a 32 window: keep the newest 16"
+    assert engine.window_start(40, 17, 32) == 17
 
 
 def test_generation_stops_at_the_stop_token():
     model = tiny_model("rope")
-    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=50)
-    first, _ = next(chat.generate(model, [1, 2, 3], config))
-    assert [t for t, _ in chat.generate(model, [1, 2, 3], config, stop_ids=(first,))] == [first]
+    config = engine.SamplingConfig(temperature=0.0, max_new_tokens=50)
+    first, _ = next(engine.generate(model, engine.Prompt([1, 2, 3]), config))
+    assert [t for t, _ in engine.generate(model, engine.Prompt([1, 2, 3], stop_ids=(first,)), config)] == [first]
 
 
 # ---- sampling
@@ -81,79 +82,79 @@ def test_generation_stops_at_the_stop_token():
 
 def test_top_k_keeps_exactly_k():
     logits = torch.randn(100)
-    kept = torch.isfinite(chat.filter_top_k_top_p(logits, top_k=7, top_p=1.0))
+    kept = torch.isfinite(engine.filter_top_k_top_p(logits, top_k=7, top_p=1.0))
     assert kept.sum() == 7 and set(kept.nonzero().flatten().tolist()) == set(torch.topk(logits, 7).indices.tolist())
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
-    kept = torch.isfinite(chat.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.8))
+    kept = torch.isfinite(engine.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.8))
     assert kept.tolist() == [False, True, False, True, True], "0.4 + 0.3 = 0.7 < 0.8, so 0.15 joins, 0.1 does not"
-    exactly = torch.isfinite(chat.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.7))
+    exactly = torch.isfinite(engine.filter_top_k_top_p(probs.log(), top_k=0, top_p=0.7))
     assert exactly.sum() == 2, "mass 0.7 is reached by two tokens"
 
 
 def test_repetition_penalty_lowers_repeated_tokens():
     logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
-    penalized = chat.apply_repetition_penalty(logits, [0, 1], 2.0)
+    penalized = engine.apply_repetition_penalty(logits, [0, 1], 2.0)
     assert penalized.tolist() == [1.0, -2.0, 0.5, 1.0]
     before, after = logits.softmax(-1), penalized.softmax(-1)
     assert after[0] < before[0] and after[1] < before[1]
 
 
 def test_frequency_and_presence_penalties_follow_openais_formula():
-    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, frequency_penalty=0.5,
+    config = engine.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, frequency_penalty=0.5,
                                  presence_penalty=1.0)
     context, answer = [3, 4, 1, 1, 2], [1, 1, 2]  # the prompt (3, 4) does not count
-    penalized = chat.penalize(torch.zeros(5), config, context, answer)
+    penalized = engine.penalize(torch.zeros(5), config, context, answer)
     assert penalized.tolist() == [0.0, -(2 * 0.5 + 1.0), -(1 * 0.5 + 1.0), 0.0, 0.0]
-    encouraged = chat.penalize(torch.zeros(5), dataclasses.replace(config, frequency_penalty=-1.0,
+    encouraged = engine.penalize(torch.zeros(5), dataclasses.replace(config, frequency_penalty=-1.0,
                                                                    presence_penalty=0.0), context, answer)
     assert encouraged.tolist() == [0.0, 2.0, 1.0, 0.0, 0.0], "negative values make repeats likelier, as OpenAI's"
 
 
 def test_dry_penalises_the_token_that_would_continue_a_repeat():
     context = [5, 6, 7, 9, 5, 6, 7]  # "5 6 7" was followed by 9: a 9 now would repeat four tokens
-    assert chat.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=2) == {9: 0.8 * 1.75 ** (3 - 2)}
-    assert chat.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=4) == {}, "a repeat of 3 is allowed"
-    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
-    penalized = chat.penalize(torch.zeros(10), config, context, [])
+    assert engine.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=2) == {9: 0.8 * 1.75 ** (3 - 2)}
+    assert engine.dry_penalties(context, multiplier=0.8, base=1.75, allowed_length=4) == {}, "a repeat of 3 is allowed"
+    config = engine.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    penalized = engine.penalize(torch.zeros(10), config, context, [])
     assert penalized[9].item() == pytest.approx(-1.4) and penalized[:9].abs().sum() == 0
 
 
 def test_no_repeat_ngram_bans_only_what_would_complete_a_seen_ngram():
-    assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}, "1 2 was followed by 3"
-    assert chat.banned_by_ngrams([1, 2, 3, 1, 2], 2) == {3}, "2 was followed by 3"
-    assert chat.banned_by_ngrams([1, 2, 3, 4], 3) == set(), "3 4 never occurred before"
-    config = chat.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, no_repeat_ngram_size=3, temperature=0.0)
+    assert engine.banned_by_ngrams([1, 2, 3, 1, 2], 3) == {3}, "1 2 was followed by 3"
+    assert engine.banned_by_ngrams([1, 2, 3, 1, 2], 2) == {3}, "2 was followed by 3"
+    assert engine.banned_by_ngrams([1, 2, 3, 4], 3) == set(), "3 4 never occurred before"
+    config = engine.SamplingConfig(repetition_penalty=1.0, dry_multiplier=0.0, no_repeat_ngram_size=3, temperature=0.0)
     logits = torch.tensor([0.0, 0.0, 0.0, 5.0, 1.0])
-    assert chat.sample_next(logits, config, [1, 2, 3, 1, 2], [], None) == 4, "the likeliest token, 3, is banned"
+    assert engine.sample_next(logits, config, [1, 2, 3, 1, 2], [], None) == 4, "the likeliest token, 3, is banned"
 
 
 def test_min_p_keeps_tokens_within_a_fraction_of_the_likeliest():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    kept = torch.isfinite(chat.filter_min_p(probs.log(), 0.2))
+    kept = torch.isfinite(engine.filter_min_p(probs.log(), 0.2))
     assert kept.tolist() == [True, True, True, False], "0.05 < 0.2 * 0.5"
 
 
 def test_same_seed_same_output_and_temperature_zero_is_argmax():
     logits = torch.randn(300)
-    config = chat.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
-    draws = [chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(5)) for _ in range(2)]
+    config = engine.SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    draws = [engine.sample_next(logits, config, [], [], torch.Generator().manual_seed(5)) for _ in range(2)]
     assert draws[0] == draws[1]
-    many = {chat.sample_next(logits, config, [], [], torch.Generator().manual_seed(s)) for s in range(30)}
+    many = {engine.sample_next(logits, config, [], [], torch.Generator().manual_seed(s)) for s in range(30)}
     assert len(many) > 1, "sampling at temperature 1 must vary with the seed"
     greedy = dataclasses.replace(config, temperature=0.0)
-    assert chat.sample_next(logits, greedy, [], [], None) == int(logits.argmax())
+    assert engine.sample_next(logits, greedy, [], [], None) == int(logits.argmax())
 
 
 def test_set_command_validates_every_value():
-    sampling = chat.SamplingConfig()
-    assert chat.apply_settings(sampling, ["temperature=0.2", "top_k=5"]).top_k == 5
+    sampling = engine.SamplingConfig()
+    assert engine.apply_settings(sampling, ["temperature=0.2", "top_k=5"]).top_k == 5
     with pytest.raises(UserError, match="temperature needs a number.*top_p must be in"):
-        chat.apply_settings(sampling, ["temperature=hot", "top_p=1.5"])
+        engine.apply_settings(sampling, ["temperature=hot", "top_p=1.5"])
     with pytest.raises(UserError, match="not NAME=VALUE"):
-        chat.apply_settings(sampling, ["colour=blue"])
+        engine.apply_settings(sampling, ["colour=blue"])
 
 
 # ---- streaming and history
@@ -161,7 +162,7 @@ def test_set_command_validates_every_value():
 
 def test_utf8_stream_never_prints_broken_characters(tokenizer):
     text = "Grüße! 🙂👍🏽 你好，世界 — 東京 🇫🇷"
-    stream = chat.Utf8Stream(newgpt.token_bytes(tokenizer))
+    stream = engine.Utf8Stream(newgpt.token_bytes(tokenizer))
     pieces = [stream.push(i) for i in tokenizer.encode(text).ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces), "no replacement characters mid-stream"
@@ -169,7 +170,7 @@ def test_utf8_stream_never_prints_broken_characters(tokenizer):
 
 def make_chat(checkpoint_dir, **sampling):
     model, tokenizer, _ = newgpt.load_checkpoint(checkpoint_dir)
-    return chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(**sampling), "cpu", "float32")
+    return chat.Chat(engine.Engine(model.eval(), tokenizer, "cpu", "float32"), engine.SamplingConfig(**sampling))
 
 
 def test_history_truncation_keeps_the_newest_turns_within_the_window(checkpoint_dir):
@@ -177,20 +178,21 @@ def test_history_truncation_keeps_the_newest_turns_within_the_window(checkpoint_
     session.system = "Be kind."
     for i in range(12):
         session.history += [("user", f"q{i}"), ("assistant", f"a{i}")]
-    ids, notice = session.add_user_turn("the newest question")
-    assert len(ids) + 16 <= session.model.config.block_size
+    turn = session.add_user_turn("the newest question")
+    ids, notice = turn.prompt.ids, turn.notice
+    assert len(ids) + 16 <= session.engine.model.config.block_size
     assert "dropped" in notice
     assert session.history[-1] == ("user", "the newest question")
     assert session.history[-3:-1] == [("user", "q11"), ("assistant", "a11")], "the newest exchange survives"
     assert ("user", "q0") not in session.history, "the oldest goes first"
     assert session.history[0][0] == "user", "whole exchanges are dropped"
-    assert session.tokenizer.decode(ids).startswith("Be kind."), "the system prompt is kept"
+    assert session.engine.tokenizer.decode(ids).startswith("Be kind."), "the system prompt is kept"
 
 
 def test_a_huge_message_is_cut_to_fit_with_a_notice(checkpoint_dir):
     session = make_chat(checkpoint_dir, max_new_tokens=16)
-    ids, notice = session.add_user_turn("word " * 20000 + "the end")
-    assert len(ids) + 16 <= session.model.config.block_size and "kept its last" in notice
+    turn = session.add_user_turn("word " * 20000 + "the end")
+    assert len(turn.prompt.ids) + 16 <= session.engine.model.config.block_size and "kept its last" in turn.notice
     assert session.history[-1][1].endswith("the end")
 
 
@@ -233,7 +235,7 @@ def test_multi_line_answers_stay_apart_in_piped_mode(checkpoint_dir, monkeypatch
     session = make_chat(checkpoint_dir)
     replies = iter(["first line\nsecond line\n\nlast line", "another\nanswer"])
 
-    def scripted_reply(prompt_ids):
+    def scripted_reply(turn):
         yield next(replies)
     monkeypatch.setattr(session, "stream_reply", scripted_reply)
     monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))

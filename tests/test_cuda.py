@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import chat_with_model as chat
+import engine
 import newgpt
 from conftest import TINY_FLAGS, train_args, train_in_process
 
@@ -38,16 +39,17 @@ def test_training_resume_and_chat_on_cuda(tmp_path, oasst_file, dtype):
 
     on_gpu, tokenizer, _ = newgpt.load_checkpoint(straight, "cuda")
     on_cpu, _, _ = newgpt.load_checkpoint(straight, "cpu")
-    greedy = chat.SamplingConfig(temperature=0.0, max_new_tokens=8)
-    gpu_chat, cpu_chat = (chat.Chat(m.eval(), tokenizer, greedy, device, "float32")
-                          for m, device in ((on_gpu, "cuda"), (on_cpu, "cpu")))
-    prompt = cpu_chat.render([("user", "What is two plus two?")])
-    on_gpu_ids = [t for t, _ in chat.generate(on_gpu, prompt, greedy, ctx=gpu_chat.ctx)]
-    assert on_gpu_ids == [t for t, _ in chat.generate(on_cpu, prompt, greedy)], "the GPU picks the CPU's tokens"
-    sampled = chat.Chat(on_gpu, tokenizer, chat.SamplingConfig(temperature=1.0, max_new_tokens=8), "cuda", dtype)
-    prompt_ids, _ = sampled.add_user_turn("What is two plus two?")
-    "".join(sampled.stream_reply(prompt_ids))
-    assert sampled.generator.device.type == "cuda" and sampled.last_answer_tokens >= 1, "sampling runs on the GPU"
+    greedy = engine.SamplingConfig(temperature=0.0, max_new_tokens=8)
+    on_the_gpu = engine.Engine(on_gpu.eval(), tokenizer, "cuda", "float32")
+    prompt = on_the_gpu.render("", [("user", "What is two plus two?")])
+    with on_the_gpu.ctx:
+        on_gpu_ids = [t for t, _ in engine.generate(on_gpu, engine.Prompt(prompt), greedy)]
+    assert on_gpu_ids == [t for t, _ in engine.generate(on_cpu.eval(), engine.Prompt(prompt), greedy)], \
+        "the GPU picks the CPU's tokens"
+    sampled = chat.Chat(engine.Engine(on_gpu, tokenizer, "cuda", dtype),
+                        engine.SamplingConfig(temperature=1.0, max_new_tokens=8))
+    "".join(sampled.stream_reply(sampled.add_user_turn("What is two plus two?")))
+    assert sampled.generator.device.type == "cuda" and sampled.last_reply.tokens >= 1, "sampling runs on the GPU"
 
 
 def test_a_gpu_checkpoint_loads_on_the_cpu_and_computes_the_same(tmp_path, oasst_file):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-import chat_with_model as chat
+import engine
 import export_hf
 import newgpt
 import retrieval
@@ -69,22 +69,21 @@ def test_chat_template_gives_our_renderers_ids(exported_run, trained_run, system
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
     history = [("user", "What is two plus three?"), ("assistant", "Two plus three is 5."),
                ("user", "  And times two?\n"), ("assistant", "Twice 5 is 10. 你好 🙂"), ("user", "Thanks!")]
-    conversation = chat.Chat(model, tokenizer, chat.SamplingConfig(), "cpu", "float32")
-    conversation.system = system
+    answering = engine.Engine(model, tokenizer, "cpu", "float32")
     messages = [{"role": "system", "content": system}] + [{"role": r, "content": c} for r, c in history]
     hf_tokenizer = AutoTokenizer.from_pretrained(exported_run)
     theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    assert list(theirs) == conversation.render(history)
+    assert list(theirs) == answering.render(system, history)
     assert hf_tokenizer.eos_token_id == tokenizer.token_to_id("<|end|>")
 
 
 def test_chat_template_renders_documents_as_our_passages_block(exported_run, trained_run):
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
-    conversation = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(), "cpu", "float32")
+    answering = engine.Engine(model.eval(), tokenizer, "cpu", "float32")
     passages = [retrieval.Passage("Zembla", "Its capital is Ostrova.", "facts", "facts:0"),
                 retrieval.Passage("", "One plus two is three.", "facts", "facts:1")]
     history = [("user", "one plus one?"), ("assistant", "two"), ("user", "What is the capital of Zembla?")]
-    ours = conversation.render(history, passages)
+    ours = answering.render("", history, passages)
     hf_tokenizer = AutoTokenizer.from_pretrained(exported_run)
     messages = [{"role": role, "content": content} for role, content in history]
     documents = [{"title": p.title, "text": p.text} for p in passages]
@@ -104,11 +103,11 @@ def test_greedy_generate_equals_our_kv_cache_generation(exported_run, trained_ru
     hf_model = AutoModelForCausalLM.from_pretrained(exported_run)
     end_id = tokenizer.token_to_id("<|end|>")
     assert hf_model.generation_config.eos_token_id == end_id, "HF generation stops at end-of-turn"
-    conversation = chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(), "cpu", "float32")
-    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=20)
+    answering = engine.Engine(model.eval(), tokenizer, "cpu", "float32")
+    greedy = engine.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=20)
     for question in ("What is one plus two?", "And times two?"):
-        prompt = conversation.render([("user", question)])
-        ours = [t for t, _ in chat.generate(model, prompt, greedy, stop_ids=(end_id,))]
+        prompt = answering.render("", [("user", question)])
+        ours = [t for t, _ in engine.generate(model, engine.Prompt(prompt, stop_ids=(end_id,)), greedy)]
         theirs = export_hf.greedy_generate(hf_model, prompt, max_new_tokens=20)
         assert theirs == ours, f"{question!r}: transformers generated {theirs}, we generated {ours}"
 
@@ -119,9 +118,10 @@ def test_pipeline_answers_a_chat_message_as_our_chat_does(exported_run, trained_
                       repetition_penalty=1.0)
     message = reply[0]["generated_text"][-1]
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
-    greedy = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=12)
-    ours = chat.Chat(model.eval(), tokenizer, greedy, "cpu", "float32")
-    expected = "".join(ours.stream_reply(ours.add_user_turn("What is two plus two?")[0]))
+    greedy = engine.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=12)
+    answering = engine.Engine(model.eval(), tokenizer, "cpu", "float32")
+    turn = answering.prepare("", [], "What is two plus two?", greedy.max_new_tokens)
+    expected = "".join(answering.reply(turn, greedy, answering.generator(greedy.seed)))
     assert message["role"] == "assistant" and message["content"] == expected
 
 
@@ -169,7 +169,7 @@ def test_model_card_describes_this_checkpoint_and_names_each_source_with_its_lic
 
 
 def test_the_exported_generation_config_carries_the_chats_sampling(exported_run):
-    config, sampling = GenerationConfig.from_pretrained(exported_run), chat.SamplingConfig()
+    config, sampling = GenerationConfig.from_pretrained(exported_run), engine.SamplingConfig()
     assert (config.do_sample, config.temperature, config.top_k, config.top_p, config.repetition_penalty,
             config.no_repeat_ngram_size, config.max_new_tokens) == \
         (True, sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty,

@@ -17,7 +17,7 @@ import pytest
 import torch
 import uvicorn
 
-import chat_with_model as chat
+import engine
 import newgpt
 import retrieval
 import runtime
@@ -303,8 +303,8 @@ def in_process_server(app):
 def test_a_generation_that_raises_is_a_500_error_object_and_the_next_request_is_served(trained_run):
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
     failing = FailingModel(model.eval())
-    sampling = chat.SamplingConfig(max_new_tokens=8)
-    app = serve.create_app(chat.Chat(failing, tokenizer, sampling, "cpu", "float32"), "tiny", sampling)
+    sampling = engine.SamplingConfig(max_new_tokens=8)
+    app = serve.create_app(engine.Engine(failing, tokenizer, "cpu", "float32"), "tiny", sampling)
     ask = {"messages": [{"role": "user", "content": "three plus four"}], "max_tokens": 8}
     with in_process_server(app) as url:
         failing.failing = True

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import chat_with_model as chat
+import engine
 import newgpt
 import runtime
 from data import read_teacher_records, split_weight
@@ -21,11 +22,10 @@ def test_the_committed_release_model_answers_and_ends_its_turn():
     model, tokenizer, ckpt = newgpt.load_checkpoint(path)
     assert "optimizers" not in ckpt and all(t.dtype == torch.bfloat16 for t in ckpt["model"].values()
                                             if t.is_floating_point()), "a release holds bf16 weights only"
-    sampling = chat.SamplingConfig()
-    conversation = chat.Chat(model.eval(), tokenizer, sampling, "cpu", "float32")
-    prompt_ids, _ = conversation.add_user_turn("What is the capital of France?")
-    reply = "".join(conversation.stream_reply(prompt_ids))
-    assert conversation.last_answer_tokens < sampling.max_new_tokens, f"no <|end|> within the limit: {reply!r}"
+    sampling = engine.SamplingConfig()
+    conversation = chat.Chat(engine.Engine(model.eval(), tokenizer, "cpu", "float32"), sampling)
+    reply = "".join(conversation.stream_reply(conversation.add_user_turn("What is the capital of France?")))
+    assert conversation.last_reply.finish_reason == "stop", f"no <|end|> within the limit: {reply!r}"
     assert len(reply.split()) >= 3, f"a reply of a few words at least: {reply!r}"
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import chat_with_model as chat
+import engine
 import newgpt
 import retrieval
 from conftest import (COUNTRIES, REPO, TINY_FLAGS, knowledge_rows, oasst_rows, train_in_process, write_checkpoint,
@@ -304,31 +305,34 @@ def test_training_with_knowledge_puts_passages_in_the_texts(knowledge, tmp_path)
 def test_the_chat_looks_up_each_turn_and_names_its_sources(knowledge, tmp_path):
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
-    sampling = chat.SamplingConfig(max_new_tokens=8, dry_multiplier=0.0)
-    conversation = chat.Chat(model, tokenizer, sampling, "cpu", "float32", retrieval.open_index(knowledge, log=None))
-    prompt, _ = conversation.add_user_turn("What is the capital of Sokovia?")
+    sampling = engine.SamplingConfig(max_new_tokens=8, dry_multiplier=0.0)
+    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", retrieval.open_index(knowledge, log=None)),
+                             sampling)
+    turn = conversation.add_user_turn("What is the capital of Sokovia?")
+    prompt = turn.prompt.ids
     context_id = tokenizer.token_to_id("<|context|>")
     assert prompt.count(context_id) == 1 and prompt.index(context_id) > prompt.index(tokenizer.token_to_id("<|user|>"))
     assert any("Novi Grad" in p.text for p in conversation.passages)
-    assert conversation.steer, "a passage holds the question's words: context-aware decoding applies"
-    "".join(conversation.stream_reply(prompt))
+    assert turn.steer, "a passage holds the question's words: context-aware decoding applies"
+    "".join(conversation.stream_reply(turn))
     out = io.StringIO()
     chat.handle_command(conversation, "/sources", out)
     assert "Novi Grad" in out.getvalue()
     chat.handle_command(conversation, "/retrieval off", out)
-    prompt, _ = conversation.add_user_turn("And of Zembla?")
+    prompt = conversation.add_user_turn("And of Zembla?").prompt.ids
     assert context_id not in prompt and conversation.passages == [], "retrieval switched off looks nothing up"
-    assert context_id not in conversation.render(conversation.history), "old passages leave the history"
+    assert context_id not in conversation.engine.render("", conversation.history), "old passages leave the history"
 
 
 def test_passages_give_way_before_the_question_when_the_window_is_tight(knowledge, tmp_path):
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
-    sampling = chat.SamplingConfig(max_new_tokens=model.config.block_size - 60)
-    conversation = chat.Chat(model, tokenizer, sampling, "cpu", "float32", retrieval.open_index(knowledge, log=None))
+    sampling = engine.SamplingConfig(max_new_tokens=model.config.block_size - 60)
+    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", retrieval.open_index(knowledge, log=None)),
+                             sampling)
     question = "What is the capital of Freedonia, and what do its people grow?"
-    prompt, notice = conversation.add_user_turn(question)
-    assert len(prompt) <= model.config.block_size // 2 and notice == ""
+    turn = conversation.add_user_turn(question)
+    assert len(turn.prompt.ids) <= model.config.block_size // 2 and turn.notice == ""
     assert len(conversation.passages) < retrieval.PASSAGES_PER_ANSWER, "the weakest passages were dropped"
     assert conversation.history[-1] == ("user", question), "the question itself is whole"
 
@@ -339,10 +343,10 @@ def test_copying_from_passages_is_not_penalised_as_repetition():
     model = newgpt.GPT(newgpt.GPTConfig(vocab_size=64, block_size=64, n_layer=1, n_head=1, n_embd=16)).eval()
     passage = [5, 6, 7, 8, 9, 10]
     prompt = [1, 2] + passage + [3, 5, 6, 7, 8]  # the answer has begun to copy the passage
-    config = chat.SamplingConfig(temperature=0.0, max_new_tokens=1, repetition_penalty=1.0, dry_multiplier=50.0)
+    config = engine.SamplingConfig(temperature=0.0, max_new_tokens=1, repetition_penalty=1.0, dry_multiplier=50.0)
     bias = {9: 100.0}  # the model "wants" to continue the copy
-    penalised = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias)]
-    copied = [t for t, _ in chat.generate(model, prompt, config, logit_bias=bias, passages=(2, 8))]
+    penalised = [t for t, _ in engine.generate(model, engine.Prompt(prompt, logit_bias=bias), config)]
+    copied = [t for t, _ in engine.generate(model, engine.Prompt(prompt, (2, 8), logit_bias=bias), config)]
     assert penalised != [9] and copied == [9], (penalised, copied)
 
 
@@ -351,7 +355,7 @@ def test_context_aware_decoding_weighs_the_passages_against_the_same_turn_withou
     model = newgpt.GPT(newgpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     for weight in model.parameters():  # the zero-initialised projections would leave attention out
         torch.nn.init.normal_(weight, std=0.3)
-    plain = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=1)
+    plain = engine.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0, max_new_tokens=1)
     for seed in range(100):  # a prompt whose steered choice differs from the plain one
         prompt = torch.randint(1, 64, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
         with torch.no_grad():
@@ -363,13 +367,14 @@ def test_context_aware_decoding_weighs_the_passages_against_the_same_turn_withou
         pytest.fail("no prompt where the passages change the choice")
     steered = dataclasses.replace(plain, context_weight=2.0)
     expected = int((3 * read - 2 * unread).argmax())
-    assert [t for t, _ in chat.generate(model, prompt, steered, passages=(2, 6))] == [expected]
+    with_passages, without = engine.Prompt(prompt, (2, 6)), engine.Prompt(prompt)
+    assert [t for t, _ in engine.generate(model, with_passages, steered)] == [expected]
     off = dataclasses.replace(plain, context_weight=0.0)
-    assert [t for t, _ in chat.generate(model, prompt, off, passages=(2, 6))] == [int(read.argmax())]
-    assert [t for t, _ in chat.generate(model, prompt, steered)] == [int(read.argmax())], "no passages, no steering"
+    assert [t for t, _ in engine.generate(model, with_passages, off)] == [int(read.argmax())]
+    assert [t for t, _ in engine.generate(model, without, steered)] == [int(read.argmax())], "no passages, no steering"
     longer = dataclasses.replace(steered, max_new_tokens=20, temperature=1.0)  # past the window: both slide
-    runs = [[t for t, _ in chat.generate(model, prompt, longer, generator=torch.Generator().manual_seed(1),
-                                         use_cache=cache, passages=(2, 6))] for cache in (True, False)]
+    runs = [[t for t, _ in engine.generate(model, with_passages, longer, torch.Generator().manual_seed(1), cache)]
+            for cache in (True, False)]
     assert runs[0] == runs[1], "the cached and uncached windows read the same tokens"
 
 

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import chat_with_model as chat
+import engine
 from runtime import RELEASE_DIR
 import newgpt
 import serve
-from conftest import COUNTRIES, REPO, write_checkpoint
+from conftest import COUNTRIES, REPO
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,18 +67,19 @@ def client(server):
 def local_chat(trained_run):
     """The same checkpoint in this process: what the server must answer, token for token."""
     model, tokenizer, _ = newgpt.load_checkpoint(trained_run)
-    return chat.Chat(model.eval(), tokenizer, chat.SamplingConfig(max_new_tokens=MAX_TOKENS), "cpu", "float32")
+    return chat.Chat(engine.Engine(model.eval(), tokenizer, "cpu", "float32"),
+                     engine.SamplingConfig(max_new_tokens=MAX_TOKENS))
 
 
 def local_answer(local_chat, turns, seed, **sampling):
-    local_chat.sampling = chat.SamplingConfig(max_new_tokens=MAX_TOKENS, seed=seed, **sampling)
+    local_chat.sampling = engine.SamplingConfig(max_new_tokens=MAX_TOKENS, seed=seed, **sampling)
     local_chat.generator.manual_seed(seed)
     local_chat.history = [(m["role"], m["content"]) for m in turns[:-1]]
     local_chat.system = ""
-    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
-    text = "".join(local_chat.stream_reply(prompt_ids))
-    ended = local_chat.last_answer_tokens < MAX_TOKENS
-    return text, len(prompt_ids), local_chat.last_answer_tokens + ended
+    turn = local_chat.add_user_turn(turns[-1]["content"])
+    text = "".join(local_chat.stream_reply(turn))
+    reply = local_chat.last_reply
+    return text, len(turn.prompt.ids), reply.tokens + (reply.finish_reason == "stop")
 
 
 def raw_request(server, method, path, body=b"", headers=None):
@@ -262,16 +264,17 @@ def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens(client, local_
                                             **greedy)
     entries = result.choices[0].logprobs.content
     local_chat.history, local_chat.system = [], ""
-    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
-    config = chat.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
-                                 max_new_tokens=MAX_TOKENS)
-    steps = [(i, logits) for i, logits in chat.generate(local_chat.model, prompt_ids, config, (local_chat.end_id,))
-             if i != local_chat.end_id]
+    end_id, prompt_ids = local_chat.engine.end_id, local_chat.add_user_turn(turns[-1]["content"]).prompt.ids
+    config = engine.SamplingConfig(temperature=0.0, repetition_penalty=1.0, dry_multiplier=0.0,
+                                   max_new_tokens=MAX_TOKENS)
+    steps = [(i, logits) for i, logits in engine.generate(local_chat.engine.model,
+                                                          engine.Prompt(prompt_ids, stop_ids=(end_id,)), config)
+             if i != end_id]
     assert len(entries) == len(steps) >= 1
     for entry, (token_id, logits) in zip(entries, steps):
         expected = torch.log_softmax(logits.float(), -1)
         assert entry.logprob == pytest.approx(expected[token_id].item(), abs=1e-5)
-        raw = local_chat.token_table[token_id] or local_chat.tokenizer.id_to_token(token_id).encode()  # <|user|>
+        raw = local_chat.engine.token_table[token_id] or local_chat.engine.tokenizer.id_to_token(token_id).encode()  # <|user|>
         assert bytes(entry.bytes) == raw and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(expected.max().item(), abs=1e-5), "greedy: the top"
     plain = client.chat.completions.create(model="tinygpt", messages=turns, **greedy)
@@ -281,18 +284,18 @@ def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens(client, local_
 @pytest.mark.slow
 def test_logit_bias_makes_a_token_certain_or_impossible(client, local_chat):
     turns = [{"role": "user", "content": "two plus two"}]
-    token_a = local_chat.tokenizer.token_to_id("a")
+    token_a = local_chat.engine.tokenizer.token_to_id("a")
     forced = client.chat.completions.create(model="tinygpt", messages=turns, temperature=0.0,
                                             logit_bias={str(token_a): 100})
     assert forced.choices[0].message.content == "a" * MAX_TOKENS
     local_answer(local_chat, turns, 0, temperature=0.0)
     local_chat.history, local_chat.system = [], ""
-    prompt_ids, _ = local_chat.add_user_turn(turns[-1]["content"])
-    (first_id, _), = chat.generate(local_chat.model, prompt_ids, dataclasses.replace(local_chat.sampling,
-                                                                                        max_new_tokens=1))
+    prompt = engine.Prompt(local_chat.add_user_turn(turns[-1]["content"]).prompt.ids)
+    (first_id, _), = engine.generate(local_chat.engine.model, prompt,
+                                     dataclasses.replace(local_chat.sampling, max_new_tokens=1))
     banned = client.chat.completions.create(model="tinygpt", messages=turns, temperature=0.0, max_tokens=1,
                                             logprobs=True, logit_bias={str(first_id): -100})
-    raw = local_chat.token_table[first_id] or local_chat.tokenizer.id_to_token(first_id).encode()
+    raw = local_chat.engine.token_table[first_id] or local_chat.engine.tokenizer.id_to_token(first_id).encode()
     assert bytes(banned.choices[0].logprobs.content[0].bytes) != raw, "-100 bans the greedy choice"
 
 
@@ -386,15 +389,15 @@ def test_retrieval_asked_of_a_server_without_knowledge_is_refused(client):
 
 
 def test_every_sampling_option_is_a_flag_a_set_name_a_page_setting_and_an_api_parameter():
-    options = {f.name for f in dataclasses.fields(chat.SamplingConfig)} - {"seed", "max_new_tokens"}
+    options = {f.name for f in dataclasses.fields(engine.SamplingConfig)} - {"seed", "max_new_tokens"}
     page_settings = set(re.findall(r'<input id="(\w+)" type="number"', serve.PAGE.read_text()))
     assert page_settings == options | {"max_tokens"}
     assert options <= set(serve.ChatRequest.model_fields), options - set(serve.ChatRequest.model_fields)
     flags = {action.dest for action in chat.build_parser()._actions}
     assert options <= flags
     for name in options:
-        value = {int: "2", float: "1.0"}[type(getattr(chat.SamplingConfig(), name))]  # valid for every option
-        changed = chat.apply_settings(chat.SamplingConfig(), [f"{name}={value}"])
+        value = {int: "2", float: "1.0"}[type(getattr(engine.SamplingConfig(), name))]  # valid for every option
+        changed = engine.apply_settings(engine.SamplingConfig(), [f"{name}={value}"])
         assert getattr(changed, name) == float(value), f"/set {name}={value}"
 
 
@@ -410,7 +413,7 @@ def test_stop_scanner_holds_back_a_possible_start_of_a_stop_sequence():
 
 
 def test_sampling_comes_from_the_flags_overridden_by_the_request():
-    defaults = chat.SamplingConfig(temperature=0.3, top_k=40, max_new_tokens=100)
+    defaults = engine.SamplingConfig(temperature=0.3, top_k=40, max_new_tokens=100)
     request = serve.ChatRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.9, top_k=5,
                                 max_completion_tokens=7, seed=1)
     sampling = serve.sampling_for(request, defaults, serve.Limits())
