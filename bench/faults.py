@@ -4,14 +4,14 @@ moment and inside torch.save, a deleted or garbled `latest`, a truncated or empt
 deleted tokenizer, and a full disk during a save (ulimit -f). After each, a `--resume` run must continue from
 the newest intact checkpoint, and no checkpoint that was good may be lost. Prints one row per fault.
 
-    python bench/faults.py                            # 60 rounds, seed 0, OASST1's validation split
-    python bench/faults.py --rounds 200 --seed 7 --data my_oasst.jsonl.gz
+    python -m bench.faults                            # 60 rounds, seed 0, OASST1's validation split
+    python -m bench.faults --rounds 200 --seed 7 --data my_oasst.jsonl.gz
 
 A round: the fault, then a check of the run folder (every file under a checkpoint's name loads, the newest
 intact step did not go back), then `--resume` for two more steps, which must start from that step and end
 well. Seeded: a failing round replays with the same --seed. tests/test_faults.py runs a few rounds of each.
 
-    python bench/faults.py --disconnects 100          # serve.py with the release model: clients that hang up
+    python -m bench.faults --disconnects 100          # serve.py with the release model: clients that hang up
 
 Run as `faults.py --die_in_save N -- FLAGS`, this script is newgpt.py whose Nth torch.save writes half of
 its file and then SIGKILLs its own process: a kill that lands inside the save every time.
@@ -34,10 +34,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from runtime import checkpoint_paths, try_read_checkpoint
 
-from runtime import checkpoint_paths, try_read_checkpoint  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "oasst" / "oasst1_en_validation.messages.jsonl.gz"
 # A model small enough that a round takes seconds, saving every step so that kills often land in a save.
@@ -68,7 +67,7 @@ class Run:
     def start(self, max_steps, resume=True, die_in_save=0, file_size_limit=0):
         command = [sys.executable, str(REPO / "newgpt.py")]
         if die_in_save:
-            command = [sys.executable, __file__, "--die_in_save", str(die_in_save), "--"]
+            command = [sys.executable, "-m", "bench.faults", "--die_in_save", str(die_in_save), "--"]
         command += self.flags(max_steps) + (["--resume"] if resume else [])
 
         def limit_file_size():

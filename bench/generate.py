@@ -1,7 +1,7 @@
 """Decode speed with and without the KV cache, and against transformers' generate, side by side in one run.
 
-    python bench/generate.py                      # default model size, random weights
-    python bench/generate.py --ckpt ckpt --new_tokens 64 --repeats 7
+    python -m bench.generate                      # default model size, random weights
+    python -m bench.generate --ckpt ckpt --new_tokens 64 --repeats 7
 
 For each prompt length (64, 256 and a full context window) it generates --new_tokens tokens greedily:
 re-running the whole context every step (once), with our KV cache (prefill once, then one token per
@@ -9,23 +9,20 @@ step), and with transformers' `generate` on the same weights exported by export_
 same dtype). The last two take turns, --repeats times each: speeds are medians, and ours/HF is the
 median of the pairs' ratios, with the share of pairs ours won (a shared machine drifts less within a pair
 than across the run). It reports tokens per second, the cache's speed-up, time to first token, and ours
-against transformers timed end to end (the prompt and every new token). Greedy decoding makes all three produce the same tokens: the
-script checks ours, and reports whether transformers' agree.
+against transformers timed end to end (the prompt and every new token). Greedy decoding makes all three
+produce the same tokens: the script checks ours, and reports whether transformers' agree.
 """
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402
-import export_hf  # noqa: E402
-import newgpt  # noqa: E402
+import engine
+import export_hf
+import newgpt
 
 
 def timed_generation(model, prompt, config, use_cache, ctx):

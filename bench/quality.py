@@ -2,10 +2,10 @@
 (`python newgpt.py --max_minutes B`), to end at or below the validation bits per byte that the original
 project's recipe (`--recipe seed`) reaches in 8 minutes.
 
-    python bench/quality.py                          # the seed recipe's 8 minutes, then bisect B
-    python bench/quality.py --target 2.2003          # bisect against a result measured before
-    python bench/quality.py --curves --minutes 10    # both recipes at one budget, side by side, plotted
-    python bench/quality.py --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs --png /tmp/q.png  # smoke
+    python -m bench.quality                          # the seed recipe's 8 minutes, then bisect B
+    python -m bench.quality --target 2.2003          # bisect against a result measured before
+    python -m bench.quality --curves --minutes 10    # both recipes at one budget, side by side, plotted
+    python -m bench.quality --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs --png /tmp/q.png  # smoke
 
 B is the smallest budget whose run ends at or below the target. Each probe is a whole run: a budgeted
 run warms up, holds its rate and decays as its own clock runs out, so reading the middle of a longer run's
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import experiments  # noqa: E402
+from bench import experiments
 
 SEED = ["--recipe", "seed"]
 SEED_MINUTES = 8.0

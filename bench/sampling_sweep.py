@@ -2,9 +2,9 @@
 bench/chat_quality.py on the tuning half of its questions and prompts, one is chosen by a rule fixed in
 advance, and only then are today's defaults and the choice scored on the test half.
 
-    python bench/sampling_sweep.py ckpt/release                  # every candidate below
-    python bench/sampling_sweep.py ckpt/release --only today dry  # some of them
-    python bench/sampling_sweep.py ckpt/release --tiny            # a smoke run: two candidates, 8 tokens
+    python -m bench.sampling_sweep ckpt/release                  # every candidate below
+    python -m bench.sampling_sweep ckpt/release --only today dry  # some of them
+    python -m bench.sampling_sweep ckpt/release --tiny            # a smoke run: two candidates, 8 tokens
 
 The rule: among the candidates whose relevance is at most 0.01 below today's and whose knowledge is not
 lower, the fewest loops; ties go to more answers that end their turn, then to a higher distinct-2. Results
@@ -14,14 +14,12 @@ are appended to bench/results/sampling_sweep.jsonl (--results).
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chat_quality  # noqa: E402
+from bench import chat_quality
 
 engine = chat_quality.engine
 

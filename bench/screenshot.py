@@ -1,7 +1,7 @@
 """The README's picture of the chat page: a real conversation with a checkpoint, caught mid-answer.
 
-    python bench/screenshot.py                          # the release model -> docs/chat_page.png
-    python bench/screenshot.py --ckpt runs/default --out /tmp/page.png
+    python -m bench.screenshot                          # the release model -> docs/chat_page.png
+    python -m bench.screenshot --ckpt runs/default --out /tmp/page.png
 
 Starts serve.py, drives Debian's Chromium with Playwright (pip install -r tests/requirements.txt;
 apt-get install chromium), sends the turns below one after another, and takes the picture while the last
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from serve import start_server  # bench/serve.py, beside this file (not the repo's serve.py)
+from bench.serve_load import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,11 +1,11 @@
 """Training throughput, side by side: the original project's recipe against ours, in one run.
 
-    python bench/train_speed.py                  # the recipes below, 10 timed steps of 8 x 512 tokens each
-    python bench/train_speed.py --steps 20 --recipes "seed (fp32)" default
-    python bench/train_speed.py --rounds 3 --recipes "default, autograd cross-entropy" default
-    python bench/train_speed.py --steps 40 --paired "default, autograd cross-entropy"
-    python bench/train_speed.py --context 512 1024 2048 --depths 4 8   # what a longer context costs
-    python bench/train_speed.py --tiny           # a smoke run: tiny models, 2 steps, small matmul peaks
+    python -m bench.train_speed                  # the recipes below, 10 timed steps of 8 x 512 tokens each
+    python -m bench.train_speed --steps 20 --recipes "seed (fp32)" default
+    python -m bench.train_speed --rounds 3 --recipes "default, autograd cross-entropy" default
+    python -m bench.train_speed --steps 40 --paired "default, autograd cross-entropy"
+    python -m bench.train_speed --context 512 1024 2048 --depths 4 8   # what a longer context costs
+    python -m bench.train_speed --tiny           # a smoke run: tiny models, 2 steps, small matmul peaks
 
 Each recipe runs in its own subprocess (so peak RSS is its own) and times newgpt.train_step, the real
 training step: forward and backward under autocast, gradient clipping, the optimizers.
@@ -29,14 +29,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runtime import keep_freed_memory  # noqa: E402
-import newgpt  # noqa: E402
+from runtime import keep_freed_memory
+import newgpt
 
 # name -> newgpt.py flags; each row is a recipe plus overrides, built exactly as the training script builds it.
 RECIPES = {
@@ -206,7 +204,8 @@ def run_paired(name, steps, batch_size):
 def measure(flags, steps, batch_size, code_change="", with_peaks=False, peak_size=PEAK_SIZE):
     """Throughput of newgpt.py's training step under `flags`, measured in a fresh process; with_peaks adds
     the matmul peaks measured right before and after it (a few seconds more)."""
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(flags), "--steps", str(steps),
+    out = subprocess.run([sys.executable, "-m", "bench.train_speed", "--worker", json.dumps(flags),
+                          "--steps", str(steps),
                           "--batch_size", str(batch_size), "--code_change", code_change,
                           "--peak_size", str(peak_size), *(["--peaks"] if with_peaks else [])],
                          capture_output=True, text=True, check=True)

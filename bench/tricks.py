@@ -2,9 +2,9 @@
 applied to a copy of the source, trained for the steps the default takes in an 8-minute budget on a 2-core
 CPU, with the budgeted run's schedule (warmup, then the peak rate, then a decay over the last 40%).
 
-    python bench/tricks.py                                     # the unpatched default, then every trick
-    python bench/tricks.py --only default "zero-init projections" --steps 300
-    python bench/tricks.py --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs   # smoke
+    python -m bench.tricks                                     # the unpatched default, then every trick
+    python -m bench.tricks --only default "zero-init projections" --steps 300
+    python -m bench.tricks --tiny --data a.jsonl --val_data v.jsonl --runs /tmp/runs   # smoke
 
 Equal steps rather than equal time: on the same seed and data order, the comparison does not move with the
 machine's speed, which varies by more than 10% between runs here. A trick that changes a step's cost shows
@@ -16,11 +16,9 @@ become patches that take them out again. Runs go to runs/tricks/NAME; rows to be
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import experiments  # noqa: E402
+from bench import experiments
 
 RESULTS = experiments.REPO / "bench" / "results" / "tricks.jsonl"
 # What newgpt.py reads from the repo: the modules it imports, and the evaluation prompts it keeps out of training.

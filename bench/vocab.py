@@ -1,6 +1,6 @@
 """Bytes per token of the byte-level BPE at several vocabulary sizes, side by side in one run.
 
-    python bench/vocab.py --texts train_texts.json --sizes 4096 8192 16384 32768
+    python -m bench.vocab --texts train_texts.json --sizes 4096 8192 16384 32768
 
 Each tokenizer is trained on the training conversations of a prepared texts file (what newgpt.py writes)
 and measured on its validation conversations, as rendered for training (special tokens excluded). More
@@ -9,13 +9,11 @@ the cost of a larger embedding matrix (vocab_size x n_embd parameters, shown for
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data import read_texts_file  # noqa: E402
-import newgpt  # noqa: E402
+from data import read_texts_file
+import newgpt
 
 
 def bytes_per_token(tokenizer, conversations):

@@ -1,13 +1,9 @@
 """bench/chat_quality.py's scoring: the rules that decide what counts as right, looping, echoing or varied."""
 
-import sys
-
 import pytest
 
-from conftest import REPO, oasst_rows, write_jsonl
-
-sys.path.insert(0, str(REPO / "bench"))
-import chat_quality  # noqa: E402
+from bench import chat_quality
+from conftest import oasst_rows, write_jsonl
 
 
 def test_an_answer_counts_as_a_whole_word_within_the_first_60_words():

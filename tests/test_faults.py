@@ -27,8 +27,7 @@ from data import load_or_build_texts
 from runtime import RELEASE_FILE, UserError, checkpoint_paths, latest_checkpoint
 from test_serve import health, raw_request, running_server
 
-sys.path.insert(0, str(REPO / "bench"))
-import faults  # noqa: E402
+from bench import faults
 
 
 def run_files(run):

@@ -306,8 +306,8 @@ def test_the_chat_looks_up_each_turn_and_names_its_sources(knowledge, tmp_path):
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
     sampling = engine.SamplingConfig(max_new_tokens=8, dry_multiplier=0.0)
-    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", retrieval.open_index(knowledge, log=None)),
-                             sampling)
+    index = retrieval.open_index(knowledge, log=None)
+    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", index), sampling)
     turn = conversation.add_user_turn("What is the capital of Sokovia?")
     prompt = turn.prompt.ids
     context_id = tokenizer.token_to_id("<|context|>")
@@ -328,8 +328,8 @@ def test_passages_give_way_before_the_question_when_the_window_is_tight(knowledg
     ckpt = tiny_knowledge_run(tmp_path, knowledge)
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt)
     sampling = engine.SamplingConfig(max_new_tokens=model.config.block_size - 60)
-    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", retrieval.open_index(knowledge, log=None)),
-                             sampling)
+    index = retrieval.open_index(knowledge, log=None)
+    conversation = chat.Chat(engine.Engine(model, tokenizer, "cpu", "float32", index), sampling)
     question = "What is the capital of Freedonia, and what do its people grow?"
     turn = conversation.add_user_turn(question)
     assert len(turn.prompt.ids) <= model.config.block_size // 2 and turn.notice == ""

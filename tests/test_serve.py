@@ -274,7 +274,8 @@ def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens(client, local_
     for entry, (token_id, logits) in zip(entries, steps):
         expected = torch.log_softmax(logits.float(), -1)
         assert entry.logprob == pytest.approx(expected[token_id].item(), abs=1e-5)
-        raw = local_chat.engine.token_table[token_id] or local_chat.engine.tokenizer.id_to_token(token_id).encode()  # <|user|>
+        table, tokenizer = local_chat.engine.token_table, local_chat.engine.tokenizer
+        raw = table[token_id] or tokenizer.id_to_token(token_id).encode()  # a special token: <|user|>
         assert bytes(entry.bytes) == raw and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(expected.max().item(), abs=1e-5), "greedy: the top"
     plain = client.chat.completions.create(model="tinygpt", messages=turns, **greedy)

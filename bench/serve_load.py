@@ -1,7 +1,7 @@
 """Load on the server: requests/s, latency, time to first token and streamed tok/s at several concurrencies.
 
-    python bench/serve.py                                  # the release model, 1, 4 and 16 clients
-    python bench/serve.py --ckpt runs/default --requests 48 --concurrency 1 4 16 --max_tokens 64
+    python -m bench.serve_load                                  # the release model, 1, 4 and 16 clients
+    python -m bench.serve_load --ckpt runs/default --requests 48 --concurrency 1 4 16 --max_tokens 64
 
 Starts serve.py in its own process on 127.0.0.1, then, for each concurrency C, sends the same fixed count of
 streaming requests from C client threads (prompts from bench/chat_prompts.jsonl, a seed per request) and

@@ -2,9 +2,9 @@
 with its second stage and with BM25 alone, what they cost in tokens of the context window, how long a
 search takes, and what the index costs to build.
 
-    python bench/retrieval.py ../shared/data/knowledge                       # the bench's 48 questions
-    python bench/retrieval.py ../shared/data/knowledge --questions bench/retrieval_questions.jsonl  # 40 more
-    python bench/retrieval.py ../shared/data/knowledge --sizes 250 400 600 --ks 1 2 3 5 --stages "two stages"
+    python -m bench.retrieval_hits ../shared/data/knowledge                       # the bench's 48 questions
+    python -m bench.retrieval_hits ../shared/data/knowledge --questions bench/retrieval_questions.jsonl  # 40 more
+    python -m bench.retrieval_hits ../shared/data/knowledge --sizes 250 400 600 --ks 1 2 3 5 --stages "two stages"
 
 Each passage length gets a fresh index in a temporary cache (so the build is timed from nothing); the
 questions' own Q/A pairs are left out of it, as the bench's are in the chat. A hit is an accepted answer, as
@@ -20,19 +20,16 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-import newgpt  # noqa: E402
-import retrieval  # noqa: E402
-from data import HOLDOUT_FILES  # noqa: E402
+import newgpt
+import retrieval
+from bench.chat_quality import holds_an_answer
+from data import HOLDOUT_FILES
 
-sys.path.insert(0, str(REPO / "bench"))
-from chat_quality import holds_an_answer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 QUESTIONS = REPO / "bench" / "knowledge_questions.jsonl"
 
