@@ -11,7 +11,7 @@ input/output embeddings, no attention biases. NeoX's MLP and LayerNorm always ha
 written as zeros. The seed recipe (learned positions, GELU, biases) is GPT-2. Only two layouts differ:
 NeoX fuses q, k and v per head, and GPT-2's Conv1D stores each matrix transposed.
 
-This is the only file that imports transformers; the model, the chat format and load_checkpoint come from
+This is the only file that imports transformers; the model, the chat format and checkpoint loading come from
 newgpt.py, the sampling defaults from engine.py.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from engine import SamplingConfig
 from data import split_weight
-from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, load_checkpoint
+from newgpt import ROLE_TOKENS, ROPE_BASE, SPECIAL_TOKENS, model_from_checkpoint
 from retrieval import source_files
 from runtime import UserError, chosen_checkpoint
 
@@ -329,13 +329,13 @@ def check_out_dir(out, force):
         raise UserError(f"{out}/ is not empty; pass --force to replace it, or choose another --out")
 
 
-def export(ckpt_path, out, force=False, dtype="float32"):
-    """Write the HF folder for a checkpoint. It is built next to `out` and moved into place at the end,
-    so a failed export leaves nothing half-written."""
+def export(ckpt_path, ckpt, out, force=False, dtype="float32"):
+    """Write the HF folder for a checkpoint (its file, and the dict read from it). It is built next to `out`
+    and moved into place at the end, so a failed export leaves nothing half-written."""
     out = Path(out)
     check_out_dir(out, force)
-    model, tokenizer, ckpt = load_checkpoint(ckpt_path)
-    run_dir = Path(ckpt_path) if Path(ckpt_path).is_dir() else Path(ckpt_path).parent
+    model, tokenizer = model_from_checkpoint(ckpt_path, ckpt)
+    run_dir = Path(ckpt_path).parent
     hf_model = to_hf_model(model.eval(), special_ids(tokenizer)).to(getattr(torch, dtype))
     hf_tokenizer = to_hf_tokenizer(tokenizer, model.config.block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -370,8 +370,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        source, _, how = chosen_checkpoint(args.ckpt)
-        out, hf_model = export(source, args.out, args.force, args.dtype)
+        source, ckpt, how = chosen_checkpoint(args.ckpt)
+        out, hf_model = export(source, ckpt, args.out, args.force, args.dtype)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
