@@ -623,7 +623,7 @@ class PreparedData:
     arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
 
 
-def load_or_build_data(cfg, vocab_size, resumed):
+def load_or_build_data(cfg, vocab_size, start_from):
     """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
     (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
@@ -632,13 +632,13 @@ def load_or_build_data(cfg, vocab_size, resumed):
     texts, how = load_or_build_texts(cfg, teach_reading)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
-    if resumed is None:
+    if start_from is None:
         tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
-    elif cfg.resume and resumed[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
+    elif cfg.resume and start_from[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
         raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
                         f"use the same --data and --texts to continue it")
     else:
-        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, resumed[0], resumed[1]["tokenizer"])
+        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
         tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
@@ -655,16 +655,16 @@ def load_or_build_data(cfg, vocab_size, resumed):
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 
-def prepare_data(cfg, vocab_size, rank, world_size, log, resumed=None):
+def prepare_data(cfg, vocab_size, rank, world_size, log, start_from=None):
     """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
     read what it wrote."""
     started = time.time()
     log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
     if rank == 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed)
+        data, how = load_or_build_data(cfg, vocab_size, start_from)
     barrier(world_size)
     if rank > 0:
-        data, how = load_or_build_data(cfg, vocab_size, resumed)
+        data, how = load_or_build_data(cfg, vocab_size, start_from)
     texts = data.texts
     n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
     train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
@@ -998,7 +998,7 @@ class Run:
     trained: nn.Module  # what the steps run: the model, compiled and, under torchrun, wrapped in DDP
     optimizers: list
     scaler: torch.amp.GradScaler  # fp16's loss scaler; switched off (a no-op) for bf16 and fp32
-    resumed: dict  # where the checkpoint resumed from left off: step, stage, time, last evaluation ({}: none)
+    left_off: dict  # where the checkpoint resumed from left off: step, stage, time, last evaluation ({}: none)
     log: object  # print on rank 0, nothing on the others
     reads_passages: bool  # trained on retrieved passages, now or in the model it started from
 
@@ -1019,11 +1019,11 @@ def start_run(cfg, model_config, size_note):
     ckpt = read_checkpoint(Path(cfg.resume)) if cfg.resume else None
     init = read_checkpoint(Path(cfg.init_from)) if cfg.init_from and not ckpt else None  # a fine-tune's start
     source, source_path = (ckpt, cfg.resume) if ckpt else (init, cfg.init_from)
-    resumed = (Path(source_path).parent, source) if source else None
+    start_from = (Path(source_path).parent, source) if source else None
     log = rank_zero_print(rank)
     if rank == 0 and Path(cfg.out_dir).is_dir() and (stale := remove_stale_temp_files(cfg.out_dir)):
         log(f"removed {len(stale)} temp file(s) that a killed run left behind: {', '.join(stale[:3])}")
-    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, resumed)
+    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, start_from)
     model_config.vocab_size = data.tokenizer.get_vocab_size()
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
@@ -1045,11 +1045,11 @@ def start_run(cfg, model_config, size_note):
         budget = f", for {cfg.max_minutes:g} minutes{left}: the schedule follows the clock"
     log(f"training on {device} ({dtype}, {world_size} process{'es' * (world_size > 1)})"
         + (f", resuming from {cfg.resume} at step {ckpt['step']}" if ckpt else "") + budget)
-    resumed = {"step": ckpt["step"], "chat_start_step": ckpt.get("chat_start_step", 0),  # None: knowledge stage
+    left_off = {"step": ckpt["step"], "chat_start_step": ckpt.get("chat_start_step", 0),  # None: knowledge stage
                "elapsed_s": ckpt.get("elapsed_s", 0.0), "val_loss": ckpt.get("val_loss"),
                "val_bpb": ckpt.get("val_bpb")} if ckpt else {}
     reads = bool(cfg.knowledge) or bool(source and reads_passages(source))
-    return Run(cfg, device, ctx, rank, world_size, data, model, trained, optimizers, scaler, resumed, log, reads)
+    return Run(cfg, device, ctx, rank, world_size, data, model, trained, optimizers, scaler, left_off, log, reads)
 
 
 def restore_training_state(ckpt, model, optimizers, scaler, resume_path):
@@ -1142,31 +1142,21 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
     chat_rows, knowledge_rows, val_rows = packed_splits(run.data, run.model.config.block_size, cfg)
     byte_lengths = torch.from_numpy(token_byte_lengths(run.data.tokenizer)).to(run.device)
     metrics = Path(cfg.out_dir) / "metrics.jsonl"
-    resumed = run.resumed
-    step = first_step = resumed.get("step", 0)
-    chat_start = resumed["chat_start_step"] if resumed else None  # None: in the knowledge stage
-    last_eval = {key: resumed.get(key) for key in ("val_loss", "val_bpb")}
-    budget, saved = Budget(cfg, spent_s=resumed.get("elapsed_s", 0.0), clock=clock), None
+    left_off = run.left_off
+    step = first_step = left_off.get("step", 0)
+    chat_start = left_off["chat_start_step"] if left_off else None  # None: in the knowledge stage
+    last_eval = {key: left_off.get(key) for key in ("val_loss", "val_bpb")}
+    budget, saved = Budget(cfg, spent_s=left_off.get("elapsed_s", 0.0), clock=clock), None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.world_size * run.model.config.block_size
     with StopRequest() as stop, Progress(cfg, step, tokens_per_step, budget, enabled=run.master) as bar:
         while True:
-            progress, stopping = max_over_ranks([budget.progress(step), float(stop.requested)], run.world_size,
-                                                run.device)
-            last_step, stopping = progress >= 1.0, stopping > 0
-            if chat_start is None and (knowledge_rows is None or progress >= cfg.pretrain_fraction):
-                chat_start = step
-                if knowledge_rows is not None:
-                    bar.write(f"step {step}: the knowledge stage ends, the chat stage begins")
+            progress, stopping = agreed_position(budget, step, stop, run)
+            last_step, eval_started = progress >= 1.0, budget.clock()
+            chat_start = chat_stage_start(step, chat_start, progress, knowledge_rows, cfg, bar)
             stage, rows, stage_step, loss_on = stage_at(step, chat_start, chat_rows, knowledge_rows, cfg,
                                                         run.world_size)
-            # evaluate, then checkpoint (the last step and a stop request do both)
-            eval_started = budget.clock()
             if step % cfg.eval_interval == 0 or last_step or stopping:
-                val_loss, val_bpb = evaluate(run.model, val_rows, byte_lengths, cfg, run.ctx, run.device)
-                last_eval = {"val_loss": val_loss, "val_bpb": val_bpb}
-                if run.master:
-                    write_metrics(metrics, {"step": step, **last_eval, "elapsed_s": round(budget.elapsed(), 1)})
-                bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+                last_eval = evaluate_and_log(run, val_rows, byte_lengths, metrics, step, budget, bar)
             if run.master and step > first_step and (step % cfg.save_interval == 0 or last_step or stopping):
                 state = checkpoint_state(run.model, run.optimizers, run.scaler, cfg, run.data, step, **last_eval,
                                          elapsed_s=budget.elapsed(), chat_start_step=chat_start,
@@ -1176,26 +1166,58 @@ def train(cfg, model_config, size_note="", clock=time.monotonic):
                 break
             if step % cfg.eval_interval == 0:  # the final evaluation and checkpoint will take about as long
                 budget.reserve_s = budget.clock() - eval_started
-
-            # one optimizer step: micro-batches forward and backward, clip, step
             step_started, lr = time.time(), get_lr(step, progress, cfg)
-            for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
-                group["lr"] = lr * (cfg.embedding_lr_scale if group.get("is_embedding") else 1.0)
-            batches = [rows.get(training_rows(stage_step, micro, cfg, run.rank, run.world_size, rows.n_rows), loss_on)
-                       for micro in range(cfg.grad_accum)]
-            batches = [(x.to(run.device), y.to(run.device)) for x, y in batches]
-            loss = train_step(run.trained, run.optimizers, run.scaler, batches, cfg.grad_clip, run.ctx)
-            if not math.isfinite(loss):  # a diverged run stops here instead of spending its budget on NaN
-                last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
-                raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
-                                f"({last_good}); try a lower --lr or --dtype float32")
+            loss = optimizer_step(run, rows, stage_step, loss_on, lr, step, saved)
             step += 1
-            # log
             tok_per_s = bar.update(step, time.time() - step_started, loss, lr)
             if run.master and step % cfg.log_interval == 0:
                 write_metrics(metrics, {"step": step, "stage": stage, "train_loss": loss, "lr": lr,
                                         "tok_per_s": round(tok_per_s or 0), "elapsed_s": round(budget.elapsed(), 1)})
     return finish_run(run, saved, stop.requested, step, budget)
+
+
+def agreed_position(budget, step, stop, run):
+    """(progress through the run, whether to stop now), the same on every rank: the furthest progress and
+    any rank's stop request, so that all ranks take the same steps and save together."""
+    progress, stop_votes = max_over_ranks([budget.progress(step), float(stop.requested)], run.world_size,
+                                          run.device)
+    return progress, stop_votes > 0
+
+
+def chat_stage_start(step, chat_start, progress, knowledge_rows, cfg, bar):
+    """The step the chat stage began at: this one when the knowledge stage ends now (or there is none)."""
+    if chat_start is None and (knowledge_rows is None or progress >= cfg.pretrain_fraction):
+        if knowledge_rows is not None:
+            bar.write(f"step {step}: the knowledge stage ends, the chat stage begins")
+        return step
+    return chat_start
+
+
+def evaluate_and_log(run, val_rows, byte_lengths, metrics, step, budget, bar):
+    """Validation loss and bits per byte, written to metrics.jsonl and the terminal."""
+    val_loss, val_bpb = evaluate(run.model, val_rows, byte_lengths, run.cfg, run.ctx, run.device)
+    if run.master:
+        write_metrics(metrics, {"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                "elapsed_s": round(budget.elapsed(), 1)})
+    bar.write(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+    return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+
+def optimizer_step(run, rows, stage_step, loss_on, lr, step, saved):
+    """Set the learning rate, then micro-batches forward and backward, clip, step: the training loss. A loss
+    that is not finite stops the run instead of spending its budget on NaN."""
+    cfg = run.cfg
+    for group in (group for optimizer in run.optimizers for group in optimizer.param_groups):
+        group["lr"] = lr * (cfg.embedding_lr_scale if group.get("is_embedding") else 1.0)
+    batches = [rows.get(training_rows(stage_step, micro, cfg, run.rank, run.world_size, rows.n_rows), loss_on)
+               for micro in range(cfg.grad_accum)]
+    batches = [(x.to(run.device), y.to(run.device)) for x, y in batches]
+    loss = train_step(run.trained, run.optimizers, run.scaler, batches, cfg.grad_clip, run.ctx)
+    if not math.isfinite(loss):
+        last_good = f"{saved} holds the last good weights" if saved else "no checkpoint was saved yet"
+        raise UserError(f"the training loss is {loss} at step {step + 1}: the run diverged "
+                        f"({last_good}); try a lower --lr or --dtype float32")
+    return loss
 
 
 def finish_run(run, saved, interrupted, step, budget):
@@ -1263,29 +1285,29 @@ def configs_from_args(args):
     being resumed; the recipe; the size dial (--depth, or the depth measured best for the device and
     budget); a time budget's own defaults (no step limit, a later decay); the dataclass default."""
     given = {name: value for name, value in vars(args).items() if value is not None}
-    resumed = {}
+    stored = {}  # the flags a checkpoint holds: a resumed run's, or a fine-tune's architecture
     if args.resume:  # a resumed run keeps its architecture, and its sources and schedule unless told otherwise
         path, ckpt = resume_checkpoint(given.get("out_dir", "ckpt"), args.resume)
         given["resume"] = str(path)
-        resumed = ckpt["model_config"] | {name: value for name, value in ckpt["train_config"].items()
+        stored = ckpt["model_config"] | {name: value for name, value in ckpt["train_config"].items()
                                           if name not in ("resume", "out_dir")}
         given = {name: value for name, value in given.items() if name not in ckpt["model_config"]}
     elif args.init_from:  # a fine-tune keeps the architecture of the model it starts from
         path, init = find_checkpoint(args.init_from)
-        given["init_from"], resumed = str(path), init["model_config"]
-        given = {name: value for name, value in given.items() if name not in resumed or is_longer_window(name, init)}
+        given["init_from"], stored = str(path), init["model_config"]
+        given = {name: value for name, value in given.items() if name not in stored or is_longer_window(name, init)}
     device_type = pick_device(given.get("device", "auto")).split(":")[0]
-    max_minutes = given.get("max_minutes", resumed.get("max_minutes", 0.0))
+    max_minutes = given.get("max_minutes", stored.get("max_minutes", 0.0))
     depth = args.depth or auto_depth(device_type, max_minutes)
     size = size_for_depth(depth, device_type)
     budget = {"max_steps": 0, "decay_fraction": BUDGET_DECAY_FRACTION} if max_minutes else {}
-    layers = [given, resumed, RECIPES[args.recipe], size, budget]
+    layers = [given, stored, RECIPES[args.recipe], size, budget]
 
     def value(f):
         return next((layer[f.name] for layer in layers if f.name in layer), field_default(f))
     model_config = GPTConfig(**{f.name: value(f) for f in dataclasses.fields(GPTConfig)})
     train_config = TrainConfig(**{f.name: value(f) for f in dataclasses.fields(TrainConfig)})
-    return model_config, train_config, size_note(args, given, resumed, depth, size, device_type, max_minutes)
+    return model_config, train_config, size_note(args, given, stored, depth, size, device_type, max_minutes)
 
 
 def is_longer_window(name, init):
@@ -1293,9 +1315,9 @@ def is_longer_window(name, init):
     return name == "block_size" and init["model_config"].get("pos_encoding") == "rope"
 
 
-def size_note(args, given, resumed, depth, size, device_type, max_minutes):
+def size_note(args, given, stored, depth, size, device_type, max_minutes):
     """How the model's size (size_for_depth's `size` at `depth`) was chosen, for the run's first lines."""
-    if resumed:
+    if stored:
         return "the checkpoint's"
     chosen = {name for name in size if name in given or name in RECIPES[args.recipe]}
     if {"n_layer", "n_head", "n_embd"} <= chosen and not args.depth:
