@@ -31,7 +31,7 @@ import torch
 from data import HOLDOUT_FILES, make_conversation
 from newgpt import (KVCache, autocast_context, model_from_checkpoint, pick_device, pick_dtype, reads_passages,
                     render_conversations, token_bytes)
-from retrieval import conversation_query, format_passages, open_index
+from retrieval import conversation_query, format_passages, open_index, passages_for
 from runtime import UserError, chosen_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -390,7 +390,7 @@ class Engine:
     def look_up(self, history):
         """(passages, query) for the newest user turn (a short follow-up also uses the turns before it)."""
         query = conversation_query([content for role, content in history if role == "user"])
-        return self.index.search(query), query
+        return self.index.search(query, passages_for(self.model.config.block_size)), query
 
     def prepare(self, system, history, user_text, max_new_tokens, retrieval=True, cut_to_fit=True):
         """A Turn for user_text after history: passages looked up (with retrieval and an index), then the

@@ -333,7 +333,7 @@ def test_passages_give_way_before_the_question_when_the_window_is_tight(knowledg
     question = "What is the capital of Freedonia, and what do its people grow?"
     turn = conversation.add_user_turn(question)
     assert len(turn.prompt.ids) <= model.config.block_size // 2 and turn.notice == ""
-    assert len(conversation.passages) < retrieval.PASSAGES_PER_ANSWER, "the weakest passages were dropped"
+    assert len(conversation.passages) < retrieval.passages_for(model.config.block_size), "the weakest passages were dropped"
     assert conversation.history[-1] == ("user", question), "the question itself is whole"
 
 
