@@ -26,7 +26,7 @@ SOURCES = ["newgpt.py", "data.py", "retrieval.py", "runtime.py", "bench/knowledg
            "bench/chat_prompts.jsonl"]
 STEPS = 300  # the default's steps in `--max_minutes 8` here (bench/results/speedrun_8min.jsonl)
 
-SET_LR = '                group["lr"] = lr * (cfg.embedding_lr_scale if group.get("is_embedding") else 1.0)\n'
+SET_LR = '        group["lr"] = lr * (cfg.embedding_lr_scale if group.get("is_embedding") else 1.0)\n'
 LOGITS = "        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)\n"
 BLOCKS = "        for layer, block in enumerate(self.transformer.h):\n            x = block(x, rope, kv_cache, layer)\n"
 HEAD = "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)\n"
@@ -41,8 +41,8 @@ TRICKS = {
     "embedding at the blocks' lr": ([], ["--embedding_lr_scale", "1"]),
     "embedding lr x10": ([], ["--embedding_lr_scale", "10"]),
     # Muon's momentum warms up from 0.85 to 0.95 over the first 300 steps (modded-nanogpt).
-    "Muon momentum warmup": ([(SET_LR, SET_LR + '                if "ns_steps" in group:\n'
-                               '                    group["momentum"] = 0.85 + 0.10 * min(step / 300, 1)\n')], []),
+    "Muon momentum warmup": ([(SET_LR, SET_LR + '        if "ns_steps" in group:\n'
+                               '            group["momentum"] = 0.85 + 0.10 * min(step / 300, 1)\n')], []),
     # Block i's output is added back before block n-1-i, with a learned weight per pair (modded-nanogpt).
     "U-net skips": ([
         (HEAD, HEAD + "        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))\n"),

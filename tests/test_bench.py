@@ -92,7 +92,7 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
     out = run_bench("chat_quality.py", reader, "--max_new_tokens", "4", "--reference", "",
                     "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
-    assert " + knowledge (k=3) |" in out, "a checkpoint that reads is also evaluated with retrieval"
+    assert " + knowledge (k=5) |" in out, "a checkpoint that reads is also evaluated with retrieval"
     header = next(line for line in out.splitlines() if "relevance" in line).split(" | ")
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {reader}")]
     relevance = [float(row[header.index("relevance")]) for row in rows]
