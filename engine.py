@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from data import HOLDOUT_FILES, make_conversation
-from newgpt import (KVCache, autocast_context, model_from_checkpoint, pick_device, pick_dtype, reads_passages,
-                    render_conversations, token_bytes)
+from newgpt import KVCache, model_from_checkpoint, reads_passages, render_conversations, token_bytes
 from retrieval import conversation_query, format_passages, open_index, passages_for
-from runtime import UserError, chosen_checkpoint
+from runtime import UserError, autocast_context, chosen_checkpoint, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 # Sampling

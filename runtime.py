@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -488,3 +489,70 @@ class Progress:
     def close(self):
         self.bar.close()
 
+# -----------------------------------------------------------------------------
+# Device and precision, picked once; a time budget's progress
+
+
+def pick_device(requested):
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available on this machine")
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+            raise UserError(f"--device {requested}: use auto, cpu, cuda, cuda:N or mps")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def has_fast_bf16(device):
+    """Whether bf16 matmuls run natively: on CUDA from Ampere on, on a CPU with AVX512-BF16 or AMX (about 6x
+    its fp32 peak on the AMX machines here). Elsewhere bf16 is emulated, far slower than fp32."""
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def pick_dtype(requested, device):
+    device_type = device.split(":")[0]
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if has_fast_bf16(device) else "float16"
+        return "bfloat16" if has_fast_bf16(device) else "float32"
+    if requested == "float16" and device_type != "cuda":
+        raise UserError("--dtype float16 needs CUDA; use bfloat16 or float32")
+    return requested
+
+
+def autocast_context(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+class Budget:
+    """How far a run is through its schedule, from 0 to 1: the further of its steps (out of --max_steps)
+    and its time (out of --max_minutes). Time counts from the start of training, compilation and
+    evaluations included, and carries over --resume. The last evaluation and checkpoint must fit in the
+    budget too, so the time they last took is kept back."""
+
+    def __init__(self, cfg, spent_s=0.0, clock=time.monotonic):
+        self.max_steps, self.seconds = cfg.max_steps, 60 * cfg.max_minutes
+        self.clock, self.started, self.spent_s = clock, clock(), spent_s
+        self.reserve_s = 0.0
+
+    def elapsed(self):
+        return self.spent_s + self.clock() - self.started
+
+    def progress(self, step):
+        by_steps = step / self.max_steps if self.max_steps else 0.0
+        by_time = self.elapsed() / max(1e-9, self.seconds - self.reserve_s) if self.seconds else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def seconds_left(self):
+        return max(0.0, self.seconds - self.elapsed()) if self.seconds else math.inf

@@ -46,8 +46,8 @@ import torch
 
 from data import (HOLDOUT_FILES, build_texts, prompt_key, question_words, read_teacher_records, record_name,
                   taught_turns)
-from retrieval import TEACHER_PASSAGES, format_passages, open_index, reading_questions, source_files, split_sentences
-from runtime import UserError, atomic_write
+from retrieval import TEACHER_PASSAGES, open_index, reading_questions, source_files, split_sentences
+from runtime import UserError, atomic_write, has_fast_bf16
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and to the point, in a few sentences or a short list."
@@ -360,9 +360,8 @@ def training_conversations(args):
 
 
 def pick_dtype(name):
-    import newgpt
     if name == "auto":
-        return torch.bfloat16 if newgpt.has_fast_bf16("cpu") else torch.float32
+        return torch.bfloat16 if has_fast_bf16("cpu") else torch.float32
     return getattr(torch, name)
 
 
