@@ -447,6 +447,7 @@ class Engine:
         prompt = dataclasses.replace(turn.prompt, logit_bias=logit_bias or {})
         return Reply(self, dataclasses.replace(turn, prompt=prompt), sampling, generator, on_token)
 
+
 # -----------------------------------------------------------------------------
 # The flags every front end shares
 

@@ -36,17 +36,11 @@ from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_con
 from runtime import UserError, remove_stale_temp_files, temp_path
 
 # Passages of about 250 characters: as many bench answers as of 400, in fewer tokens (bench/RESULTS.md,
-# "Retrieval"). Five hold the answer to 44 of the 48 bench questions, three to 41; a 512-token window keeps
-# only the best of them that fit beside the conversation.
+# "Retrieval"). Five hold the answer to 44 of the 48 bench questions, three to 41, but only a 1,024-token
+# window holds five beside the conversation (passages_for).
 PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 5
 TEACHER_PASSAGES = 3  # the shipped teacher answers were asked with three: their keys hold them
-
-
-def passages_for(block_size):
-    """How many passages the chat looks up: five where the window holds them, else three (a 512-token window
-    keeps no more beside the answer, and found as many answers with three, 38 of 48, at half the latency)."""
-    return PASSAGES_PER_ANSWER if block_size >= 1024 else TEACHER_PASSAGES
 COMMON_FRACTION = 0.02  # query words in more passages than this are dropped (bench/RESULTS.md, "Retrieval")
 MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
 CANDIDATES = 30  # BM25's best, rescored on every query word
@@ -54,6 +48,13 @@ CANDIDATES = 30  # BM25's best, rescored on every query word
 TITLED_DOCS, DOCS_PER_TITLE, PASSAGES_PER_TITLED_DOC = 6, 3, 30
 INDEX_FORMAT = "tinygpt-fts5-v3"
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def passages_for(block_size):
+    """How many passages the chat looks up: five where the window holds them, else three (a 512-token window
+    keeps no more beside the answer, and found as many answers with three, 38 of 48, at half the latency)."""
+    return PASSAGES_PER_ANSWER if block_size >= 1024 else TEACHER_PASSAGES
+
 
 # -----------------------------------------------------------------------------
 # Knowledge records -> passages
