@@ -459,6 +459,8 @@ def add_model_arguments(parser):
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--knowledge", help="look things up before each answer in this knowledge file, folder "
                                             "or dataset id (indexed on first use, then cached; retrieval.py)")
+    parser.add_argument("--no_rerank", action="store_true",
+                        help="rank passages by BM25 alone, not reranked by all-MiniLM-L6-v2 where it is installed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: float32 on CPU (a one-token step under bf16 autocast re-casts every weight, "
@@ -484,6 +486,7 @@ def load_engine(args):
         if not reads_passages(ckpt):
             raise UserError(f"{path} was not trained to read passages, so --knowledge would only confuse it; "
                             f"train or fine-tune one with newgpt.py --knowledge PATH")
-        index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr))
+        index = open_index(args.knowledge, HOLDOUT_FILES, log=lambda line: print(line, file=sys.stderr),
+                           rerank=not args.no_rerank)
     print(f"model: {path}, step {ckpt['step']}{how}", file=sys.stderr)
     return Engine(model.eval(), tokenizer, device, dtype, index), sampling, path, ckpt

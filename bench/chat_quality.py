@@ -70,14 +70,14 @@ class Reply:
 
 
 class TimedIndex:
-    """An index whose searches are timed, returning k passages."""
+    """An index whose searches are timed, returning k passages (None: as many as the chat asks for)."""
 
     def __init__(self, index, k):
         self.index, self.k, self.seconds = index, k, [0.0]
 
     def search(self, query, k=None):  # k: the chat's choice, overridden by the bench's --passages
         started = time.perf_counter()
-        passages = self.index.search(query, self.k)
+        passages = self.index.search(query, self.k or k)
         self.seconds.append(time.perf_counter() - started)
         return passages
 
@@ -85,7 +85,7 @@ class TimedIndex:
         return self.index.is_about(passages, query)
 
 
-def answer_all(model, tokenizer, prompts, sampling, index=None, k=retrieval.PASSAGES_PER_ANSWER):
+def answer_all(model, tokenizer, prompts, sampling, index=None, k=None):
     """One fresh conversation per prompt, each with its own seed (and with retrieval when given an index)."""
     replies = []
     timed = TimedIndex(index, k) if index else None
@@ -226,13 +226,14 @@ def score(name, questions, prompts, asked, replies, embedder, word_list, retriev
             "replies": [(p["prompt"], reply.text, round(s, 3)) for p, reply, s in zip(prompts, replies, scores)]}
 
 
-def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None,
-             k=retrieval.PASSAGES_PER_ANSWER):
+def evaluate(ckpt_path, questions, prompts, sampling, embedder, word_list, index=None, k=None):
     started = time.time()
     model, tokenizer, _ = newgpt.load_checkpoint(ckpt_path)
+    k = k or retrieval.passages_for(model.config.block_size)  # as the chat asks
     asked = answer_all(model, tokenizer, [q["question"] for q in questions], sampling, index, k)
     replies = answer_all(model, tokenizer, [p["prompt"] for p in prompts], sampling, index, k)
-    name = str(ckpt_path) + (f" + knowledge (k={k})" if index else "")
+    ranked = "" if index is None or index.reranker else ", BM25 alone"
+    name = str(ckpt_path) + (f" + knowledge (k={k}{ranked})" if index else "")
     return score(name, questions, prompts, asked, replies, embedder, word_list, index is not None) | {
         "seconds": round(time.time() - started)}
 
@@ -254,8 +255,10 @@ def main():
                         help="the questions and prompts at even positions (tune), odd ones (test), or all")
     parser.add_argument("--knowledge", default="",
                         help="also evaluate each checkpoint that reads passages with retrieval from this index")
-    parser.add_argument("--passages", type=int, nargs="+", default=[retrieval.PASSAGES_PER_ANSWER], metavar="K",
-                        help="with --knowledge: passages per answer, one evaluation per value")
+    parser.add_argument("--passages", type=int, nargs="+", default=[None], metavar="K",
+                        help="with --knowledge: passages per answer, one evaluation per value (default: as the "
+                             "chat asks, by the model's window)")
+    parser.add_argument("--no_rerank", action="store_true", help="with --knowledge: BM25's ranking alone")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="sampling settings instead of the chat's defaults, as its /set command takes them")
     args = parser.parse_args()
@@ -268,7 +271,7 @@ def main():
         except UserError as e:
             raise SystemExit(f"error: --set: {e}")
     embedder, word_list = load_embedder(), load_word_list()
-    index = retrieval.open_index(args.knowledge, HOLDOUT_FILES) if args.knowledge else None
+    index = retrieval.open_index(args.knowledge, HOLDOUT_FILES, rerank=not args.no_rerank) if args.knowledge else None
     rows = []
     for path in args.checkpoints:
         try:

@@ -1,5 +1,5 @@
 """The retriever alone: how often the passages it returns for a set of questions hold an accepted answer,
-with its second stage and with BM25 alone, what they cost in tokens of the context window, how long a
+as shipped (reranked by all-MiniLM-L6-v2), without the reranker and with BM25 alone, what they cost in tokens of the context window, how long a
 search takes, and what the index costs to build.
 
     python -m bench.retrieval_hits ../shared/data/knowledge                       # the bench's 48 questions
@@ -39,7 +39,12 @@ def bm25_alone(index, query, k):
     return [p for p, _ in index.bm25(index.rare_words(retrieval.query_words(query)), k, None)]
 
 
-STAGES = {"two stages": lambda index, query, k: index.search(query, k), "BM25 alone": bm25_alone}
+def searched(index, query, k):
+    return index.search(query, k)
+
+
+# The retriever as shipped (its reranker where installed), without the reranker, and its first stage alone.
+STAGES = {"reranked": searched, "two stages": searched, "BM25 alone": bm25_alone}
 
 
 def measure(index, questions, k, tokenizer, stage="two stages"):
@@ -86,7 +91,7 @@ def main():
                         help="everyday prompts, timed too (their messages are longer than the questions)")
     parser.add_argument("--embed", type=int, default=0, help="time the dense embedder on this many passages")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES),
-                        help="the retriever as shipped, and its first stage alone")
+                        help="the retriever as shipped, without its reranker, and its first stage alone")
     args = parser.parse_args()
     questions = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
     tokenizer = newgpt.load_tokenizer(args.tokenizer)
@@ -106,8 +111,11 @@ def main():
             index = retrieval.open_index(args.knowledge, holdout, passage_chars=size, log=None)
             build_s = time.perf_counter() - started
             megabytes = index.path.stat().st_size / 2 ** 20
+            reranker = retrieval.load_reranker(log=None) if "reranked" in args.stages else None
             for stage, common, max_words, k in itertools.product(args.stages, args.common, args.max_words, args.ks):
-                variant = retrieval.KnowledgeIndex(index.path, common, max_words)  # its own word counts
+                # Its own word counts, so each variant's search times its first look at them.
+                variant = retrieval.KnowledgeIndex(index.path, common, max_words,
+                                                   reranker if stage == "reranked" else None)
                 m = measure(variant, questions, k, tokenizer, stage)
                 p = measure(variant, prompts, k, tokenizer, stage)
                 print(f"| {stage} | {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {common} | "

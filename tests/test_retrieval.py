@@ -117,6 +117,39 @@ def test_the_second_stage_finds_the_passage_that_bm25_alone_ranks_below(tmp_path
     assert index.search("What is 17 times 23?") == [], "arithmetic looks nothing up"
 
 
+def bees_and_make(folder):
+    """A corpus where the words mislead: the build tool "Make" holds both "bees" and "make"; honey holds one."""
+    rows = [{"text": "Honey\nHoney is a sweet food made by bees from the nectar of flowers."},
+            {"text": "Make (software)\nMake is a build tool for programs; its test suite is called bees, so make "
+                     "bees runs the tests."}]
+    write_jsonl(folder / "docs.jsonl", rows + [{"text": f"Filler {i}\nA plain note number {i} about a river."}
+                                               for i in range(300)])
+    return folder
+
+
+def test_the_reranker_puts_first_the_passage_that_means_what_the_question_asks(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k").mkdir()
+    folder, lines = bees_and_make(tmp_path / "k"), []
+    by_words = retrieval.open_index(folder, log=None).search("What do bees make?", k=2)
+    assert [p.title for p in by_words] == ["Make (software)", "Honey"], "the fixture no longer fools BM25"
+    reranked = retrieval.open_index(folder, log=lines.append, rerank=True)  # the index is built: one line
+    assert [p.title for p in reranked.search("What do bees make?", k=2)] == ["Honey", "Make (software)"]
+    assert lines == ["knowledge: reranked by all-MiniLM-L6-v2"]
+
+
+def test_without_the_reranker_package_bm25_ranks_alone_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "k").mkdir()
+    real_find_spec = retrieval.importlib.util.find_spec
+    monkeypatch.setattr(retrieval.importlib.util, "find_spec",
+                        lambda name: None if name == retrieval.RERANKER_PACKAGE else real_find_spec(name))
+    lines = []
+    index = retrieval.open_index(bees_and_make(tmp_path / "k"), log=lines.append, rerank=True)
+    assert index.reranker is None and index.search("What do bees make?", k=1)[0].title == "Make (software)"
+    assert "BM25 alone" in lines[-1] and "pip install" in lines[-1], lines
+
+
 def test_a_document_and_a_title_are_shown_once(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "k"
