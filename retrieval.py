@@ -335,13 +335,14 @@ class Reranker:
         from transformers import AutoModel, AutoTokenizer
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir).eval()
-        self.bf16 = has_fast_bf16("cpu")
+        # bf16 weights where the CPU multiplies bf16 natively: the same order as fp32's, in less time.
+        dtype = torch.bfloat16 if has_fast_bf16("cpu") else torch.float32
+        self.model = AutoModel.from_pretrained(model_dir, dtype=dtype).eval()
 
     def embed(self, texts):
         """Unit vectors, one per text: the mean of its tokens' last hidden states (as the model was trained)."""
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=RERANK_TOKENS, return_tensors="pt")
-        with self.torch.inference_mode(), self.torch.autocast("cpu", self.torch.bfloat16, enabled=self.bf16):
+        with self.torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1)
         return self.torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

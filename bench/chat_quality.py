@@ -258,7 +258,9 @@ def main():
     parser.add_argument("--passages", type=int, nargs="+", default=[None], metavar="K",
                         help="with --knowledge: passages per answer, one evaluation per value (default: as the "
                              "chat asks, by the model's window)")
-    parser.add_argument("--no_rerank", action="store_true", help="with --knowledge: BM25's ranking alone")
+    parser.add_argument("--ranking", nargs="+", choices=["reranked", "bm25"], default=["reranked"],
+                        help="with --knowledge: the passages reranked by meaning (as the chat, where installed), "
+                             "BM25's ranking alone, or both, one evaluation each")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="sampling settings instead of the chat's defaults, as its /set command takes them")
     args = parser.parse_args()
@@ -271,13 +273,15 @@ def main():
         except UserError as e:
             raise SystemExit(f"error: --set: {e}")
     embedder, word_list = load_embedder(), load_word_list()
-    index = retrieval.open_index(args.knowledge, HOLDOUT_FILES, rerank=not args.no_rerank) if args.knowledge else None
+    index = retrieval.open_index(args.knowledge, HOLDOUT_FILES, rerank=True) if args.knowledge else None
+    indexes = [retrieval.KnowledgeIndex(index.path, reranker=index.reranker if ranking == "reranked" else None)
+               for ranking in args.ranking] if index else []
     rows = []
     for path in args.checkpoints:
         try:
             _, _, ckpt = newgpt.load_checkpoint(path)
             reads = index is not None and newgpt.reads_passages(ckpt)
-            runs = [(None, 0)] + ([(index, k) for k in args.passages] if reads else [])
+            runs = [(None, 0)] + ([(i, k) for i in indexes for k in args.passages] if reads else [])
             for row in [evaluate(path, questions, prompts, sampling, embedder, word_list, i, k) for i, k in runs]:
                 rows.append(row | {"note": args.note, "half": args.half, "sampling": dataclasses.asdict(sampling)})
                 for question, reply, ok in row["answers"][:args.show]:
