@@ -37,8 +37,8 @@ from data import (FUNCTION_WORDS, asks_a_holdout_question, is_streamed, make_con
 from runtime import UserError, has_fast_bf16, remove_stale_temp_files, temp_path
 
 # Passages of about 250 characters: as many bench answers as of 400, in fewer tokens (bench/RESULTS.md,
-# "Retrieval"). Five hold the answer to 44 of the 48 bench questions, three to 41, but only a 1,024-token
-# window holds five beside the conversation (passages_for).
+# "Retrieval"). Reranked, three hold the answer to 45 of the 48 bench questions; a 1,024-token window holds
+# five beside the conversation (passages_for).
 PASSAGE_CHARS = 250
 PASSAGES_PER_ANSWER = 5
 TEACHER_PASSAGES = 3  # the shipped teacher answers were asked with three: their keys hold them
@@ -57,7 +57,7 @@ SOURCE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 def passages_for(block_size):
     """How many passages the chat looks up: five where the window holds them, else three (a 512-token window
-    keeps no more beside the answer, and found as many answers with three, 38 of 48, at half the latency)."""
+    keeps no more beside the answer: five found no more answers there, at twice the latency)."""
     return PASSAGES_PER_ANSWER if block_size >= 1024 else TEACHER_PASSAGES
 
 
