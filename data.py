@@ -557,18 +557,19 @@ def read_texts_file(path):
     return texts
 
 
-def load_or_build_texts(cfg, add_passages=None):
+def load_or_build_texts(cfg, add_passages=None, reading_options=None):
     """train_texts.json is reused when it was built from the same sources and options, or when it has no
     build record at all (a user's own file in the same format); otherwise it is rebuilt. With --knowledge,
-    add_passages(texts) -> texts (retrieval.py's, passed in by newgpt.py) teaches the chats to read."""
+    add_passages(texts) -> texts (retrieval.py's, passed in by newgpt.py) teaches the chats to read, and
+    reading_options ({"passages": k}) are its own options."""
     path = Path(cfg.texts)
-    options = build_options(cfg)
+    options = build_options(cfg) | (reading_options or {})
     if path.is_file():
         texts = read_texts_file(path)
         if texts.get("build", options) == options:
             return texts, "reused"
     remove_stale_temp_files(path.parent, of=path.name)  # a build killed while writing (it takes minutes)
-    texts = build_texts(cfg)
+    texts = build_texts(cfg) | {"build": options}
     if cfg.knowledge:
         texts = add_passages(texts)
         texts["sha256"] = texts_hash(texts)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
                   load_or_build_texts, npz_bytes, read_holdout, split_weight)
-from retrieval import add_passages
+from retrieval import add_passages, passages_for
 from runtime import (Budget, Progress, RELEASE_DIR, StopRequest, UserError, atomic_write, autocast_context,
                      barrier, check_out_dir, checkpoint_paths, find_checkpoint, format_minutes, has_fast_bf16,
                      keep_freed_memory, max_over_ranks, pick_device, pick_dtype, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
@@ -622,22 +622,23 @@ class PreparedData:
     arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
 
 
-def load_or_build_data(cfg, vocab_size, start_from):
+def load_or_build_data(cfg, model_config, start_from):
     """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
     (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
+    k = passages_for(model_config.block_size)  # as many passages as the chat will show in this window
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
                                       holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0],
-                                      reading_answers=cfg.reading_answers)
-    texts, how = load_or_build_texts(cfg, teach_reading)
+                                      reading_answers=cfg.reading_answers, k=k)
+    texts, how = load_or_build_texts(cfg, teach_reading, {"passages": k} if cfg.knowledge else {})
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
     if start_from is None:
-        tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
+        tokenizer_path = prepare_tokenizer(texts, model_config.vocab_size, out_dir)
     elif cfg.resume and start_from[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
         raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
                         f"use the same --data and --texts to continue it")
     else:
-        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
+        tokenizer_path = checkpoint_tokenizer(texts, model_config.vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
         tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"
@@ -654,16 +655,16 @@ def load_or_build_data(cfg, vocab_size, start_from):
     return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
 
 
-def prepare_data(cfg, vocab_size, rank, world_size, log, start_from=None):
+def prepare_data(cfg, model_config, rank, world_size, log, start_from=None):
     """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
     read what it wrote."""
     started = time.time()
     log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
     if rank == 0:
-        data, how = load_or_build_data(cfg, vocab_size, start_from)
+        data, how = load_or_build_data(cfg, model_config, start_from)
     barrier(world_size)
     if rank > 0:
-        data, how = load_or_build_data(cfg, vocab_size, start_from)
+        data, how = load_or_build_data(cfg, model_config, start_from)
     texts = data.texts
     n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
     train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
@@ -957,7 +958,7 @@ def start_run(cfg, model_config, size_note):
     log = rank_zero_print(rank)
     if rank == 0 and Path(cfg.out_dir).is_dir() and (stale := remove_stale_temp_files(cfg.out_dir)):
         log(f"removed {len(stale)} temp file(s) that a killed run left behind: {', '.join(stale[:3])}")
-    data = prepare_data(cfg, model_config.vocab_size, rank, world_size, log, start_from)
+    data = prepare_data(cfg, model_config, rank, world_size, log, start_from)
     model_config.vocab_size = data.tokenizer.get_vocab_size()
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)

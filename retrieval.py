@@ -637,24 +637,26 @@ def taught_reading_questions(knowledge, index, wanted, k=TEACHER_PASSAGES):
     return conversations
 
 
-def add_passages(texts, knowledge, holdout_files, seed, teacher="", reading_answers="both", log=print):
-    """train_texts.json's training conversations, taught to read: chats get passages (or none), and Q/A pairs
-    of the knowledge sources come with the passages that answer them, answered by the record's own response
-    or, given the teacher's answers, as reading_answers says: by the teacher (only those it answered), by the
-    records, or both (the teacher where it answered). Validation stays as it was."""
+def add_passages(texts, knowledge, holdout_files, seed, teacher="", reading_answers="both", k=PASSAGES_PER_ANSWER,
+                 log=print):
+    """train_texts.json's training conversations, taught to read: chats get k passages (or none), and Q/A pairs
+    of the knowledge sources come with the k passages that answer them, answered by the record's own response
+    or, given the teacher's answers, as reading_answers says: by the teacher (only those it answered, with the
+    passages it was asked with), by the records, or both (the teacher where it answered). Validation stays as
+    it was."""
     from tqdm import tqdm
     index, holdout = open_index(knowledge, holdout_files, log=log), read_holdout(holdout_files)
     rng = random.Random(seed)
     started = time.time()
     chats = tqdm(texts["train"], desc="passages for chats", unit="chat", disable=log is None, mininterval=2)
-    train = [with_passages(c, index, rng) for c in chats]
+    train = [with_passages(c, index, rng, k) for c in chats]
     taught = taught_records(teacher) if teacher and reading_answers != "records" else {}
     reading = taught_reading_questions(knowledge, index, taught) if taught else []
     if not teacher or reading_answers != "teacher":
         files = tqdm([f for f in source_files(knowledge) if not isinstance(f, str)], desc="reading questions",
                      unit="file", disable=log is None)
         reading += [c for source in files for c in reading_questions(
-            source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE, skip=frozenset(taught.get(source.name, ())))]
+            source, index, holdout, rng, READING_QUESTIONS_PER_SOURCE, k, frozenset(taught.get(source.name, ())))]
     if log:
         n_with = sum(any(t["role"] == "context" for t in c["turns"]) for c in train)
         log(f"knowledge: passages for {n_with:,} of {len(train):,} chats, {len(reading):,} reading questions "

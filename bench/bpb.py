@@ -34,7 +34,7 @@ def main():
     cfg = newgpt.TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in fields})
     cfg.eval_tokens = args.tokens
     folder = find_checkpoint(args.ckpt)[0].parent
-    data = newgpt.prepare_data(cfg, model.config.vocab_size, 0, 1, print, (folder, ckpt))
+    data = newgpt.prepare_data(cfg, model.config, 0, 1, print, (folder, ckpt))
     _, _, val_rows = newgpt.packed_splits(data, window, cfg)
     (source, train_ids, train_mask), *_ = data.arrays["train"]
     pad = tokenizer.token_to_id("<|pad|>")

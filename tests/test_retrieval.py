@@ -332,6 +332,8 @@ def test_training_with_knowledge_puts_passages_in_the_texts(knowledge, tmp_path)
     chats = [c for c in texts["train"] if not c["source"].startswith("reading:")]
     assert len(reading) == len(COUNTRIES), "the Q/A pairs become reading questions"
     assert any(t["role"] == "context" for c in chats for t in c["turns"]), "chats get passages"
+    shown = [t["content"].count("\n\n[") + 1 for c in texts["train"] for t in c["turns"] if t["role"] == "context"]
+    assert max(shown) == retrieval.passages_for(32), "as many passages as the chat shows in this window"
     assert not any(t["role"] == "context" for c in texts["val"] for t in c["turns"]), "validation stays as it was"
 
 
