@@ -137,7 +137,7 @@ class TrainConfig:
                 "with a final evaluation and checkpoint, when it runs out (0: no budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     embedding_lr_scale: float = field(default=5.0, metadata={
-        "help": "the tied embedding's learning rate as a multiple of --lr (bench/tricks.py measures it)"})
+        "help": "the tied embedding's learning rate as a multiple of --lr (python -m bench.training tricks measures it)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear learning-rate warmup"})
     decay_fraction: float = field(default=1.0, metadata={
@@ -771,7 +771,7 @@ def configure_optimizers(model, cfg, device):
     embedding = model.transformer.wte.weight  # also the output layer (tied)
     own_groups = {id(p) for p in hidden} | {id(embedding)}
     rest = [p for _, p in named if id(p) not in own_groups]
-    # At the blocks' rate the embedding learns too slowly: 5x ended 0.11 bits/byte lower (bench/tricks.py).
+    # At the blocks' rate the embedding learns too slowly: 5x ended 0.11 bits/byte lower (bench.training tricks).
     groups = [{"params": [embedding], "weight_decay": cfg.weight_decay, "is_embedding": True},
               {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]

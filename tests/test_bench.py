@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import newgpt
+from bench import training
 from conftest import COUNTRIES, REPO, as_reader, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
 from test_serve import CHROMIUM
 
@@ -38,40 +39,38 @@ def test_train_speed():
     assert "seed (fp32)" in run_bench("train_speed.py", "--tiny").split("recipe", 1)[1]
 
 
-def test_experiments(bench_data):
-    assert "vs default" in run_bench("experiments.py", "--tiny", "--only", "default", *bench_data)
-    out = run_bench("experiments.py", "--tiny", "--budgeted", "--only", "default", "before the speedrun", *bench_data)
+def test_training_variants(bench_data):
+    assert "vs default" in run_bench("training.py", "variants", "--tiny", "--only", "default", *bench_data)
+    out = run_bench("training.py", "variants", "--tiny", "--budgeted", "--only", "default", "before the speedrun",
+                    *bench_data)
     assert "before the speedrun" in out.split("vs default")[1], out
 
 
-def test_tricks(bench_data, tmp_path):
-    out = run_bench("tricks.py", "--tiny", "--only", "default", "U-net skips", "--results", tmp_path / "t.jsonl",
-                    *bench_data)
+def test_training_tricks(bench_data, tmp_path):
+    out = run_bench("training.py", "tricks", "--tiny", "--only", "default", "U-net skips",
+                    "--results", tmp_path / "t.jsonl", *bench_data)
     assert "vs default" in out and "U-net skips" in out.split("vs default")[1], out
 
 
 def test_every_trick_still_applies_to_newgpt(tmp_path):
-    spec = importlib.util.spec_from_file_location("tricks", REPO / "bench" / "tricks.py")
-    tricks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tricks)
-    for name, (patch, _) in tricks.TRICKS.items():
-        source = (tricks.patched_source(patch, tmp_path / name.replace(" ", "_")) / "newgpt.py").read_text()
+    for name, (patch, _) in training.TRICKS.items():
+        source = (training.patched_source(patch, tmp_path / name.replace(" ", "_")) / "newgpt.py").read_text()
         compile(source, name, "exec")  # the patched file still parses
 
 
-def test_quality(bench_data, tmp_path):
+def test_training_to_target(bench_data, tmp_path):
     results = tmp_path / "quality.jsonl"
-    out = run_bench("quality.py", "--tiny", "--curves", "--minutes", "0.5", "--png", tmp_path / "quality.png",
-                    "--results", results, *bench_data)
+    out = run_bench("training.py", "to-target", "--tiny", "--curves", "--minutes", "0.5",
+                    "--png", tmp_path / "quality.png", "--results", results, *bench_data)
     assert "final val bpb" in out and (tmp_path / "quality.png").is_file()
-    out = run_bench("quality.py", "--tiny", "--seed_minutes", "0.5", "--first_guess", "0.5", "--ceiling", "1",
-                    "--resolution", "1", "--results", results, *bench_data)
+    out = run_bench("training.py", "to-target", "--tiny", "--seed_minutes", "0.5", "--first_guess", "0.5",
+                    "--ceiling", "1", "--resolution", "1", "--results", results, *bench_data)
     assert "seed recipe, --max_minutes 0.5" in out and "--max_minutes 0.5:" in out, out
     assert len(results.read_text().splitlines()) == 2, "each mode appends its result"
 
 
-def test_budget(bench_data):
-    out = run_bench("budget.py", "--tiny", "--minutes", "0.05", *bench_data)
+def test_training_budget(bench_data):
+    out = run_bench("training.py", "budget", "--tiny", "--minutes", "0.05", *bench_data)
     assert out.count(" m  ") == 4, out  # cut, auto, down and up
 
 
