@@ -306,32 +306,6 @@ class Block(nn.Module):
         return x
 
 
-class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, V) against targets (N,), over the targets that are not IGNORE_INDEX
-    (0, not NaN, when all are), with its gradient written out: (softmax(logits) - one_hot(target)) / n_targets.
-    Autograd's own backward, compiled, builds the one-hot by comparing every vocabulary index with the
-    target; this one overwrites the target column alone."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        keep = targets != IGNORE_INDEX
-        safe_targets = targets.clamp(min=0)  # ignored rows read any column: their gradient is scaled by 0
-        logsumexp = logits.float().logsumexp(dim=-1)  # (N,)
-        nll = logsumexp - logits.gather(-1, safe_targets[:, None]).squeeze(-1).float()  # (N,) -log p(target)
-        n_targets = keep.sum().clamp(min=1)
-        ctx.save_for_backward(logits, logsumexp, nll, safe_targets, keep, n_targets)
-        return (nll * keep).sum() / n_targets
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, logsumexp, nll, safe_targets, keep, n_targets = ctx.saved_tensors
-        scale = (keep * grad_loss / n_targets)[:, None]  # (N, 1)
-        probs = (logits.float() - logsumexp[:, None]).exp()  # (N, V) softmax
-        target_grads = ((-nll).exp()[:, None] - 1) * scale  # (N, 1) p(target) - 1
-        grad = (probs * scale).to(logits.dtype)
-        return grad.scatter(-1, safe_targets[:, None], target_grads.to(logits.dtype)), None
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -399,8 +373,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def loss(self, logits, targets):
-        """Mean next-token cross-entropy of logits (N, V) against targets (N,)."""
-        return CrossEntropy.apply(logits, targets)
+        """Mean next-token cross-entropy of logits (N, V) against the targets (N,) that are not IGNORE_INDEX:
+        0, not NaN, for a micro-batch without any (all of its tokens are prompt or padding)."""
+        total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_model_config(config):

@@ -2,8 +2,8 @@
 
     python -m bench.train_speed                  # the recipes below, 10 timed steps of 8 x 512 tokens each
     python -m bench.train_speed --steps 20 --recipes "seed (fp32)" default
-    python -m bench.train_speed --rounds 3 --recipes "default, autograd cross-entropy" default
-    python -m bench.train_speed --steps 40 --paired "default, autograd cross-entropy"
+    python -m bench.train_speed --rounds 3 --recipes "default, torch.optim.Muon" default
+    python -m bench.train_speed --steps 40 --paired "default, torch.optim.Muon"
     python -m bench.train_speed --context 512 1024 2048 --depths 4 8   # what a longer context costs
     python -m bench.train_speed --tiny           # a smoke run: tiny models, 2 steps, small matmul peaks
 
@@ -44,7 +44,6 @@ RECIPES = {
     "default -compile": ["--no-compile"],
     "default, plain malloc": [],
     "default, torch.optim.Muon": [],
-    "default, autograd cross-entropy": [],
     "default, Newton-Schulz in bf16": [],
     "default, Newton-Schulz in fp32": [],
     "default, 4 heads of 64": ["--n_head", "4"],
@@ -54,19 +53,9 @@ RECIPES = {
 CODE_CHANGES = {
     "default, plain malloc": "plain_malloc",  # without keep_freed_memory()
     "default, torch.optim.Muon": "torch_muon",  # torch.optim.Muon instead of newgpt.Muon
-    "default, autograd cross-entropy": "torch_cross_entropy",  # GPTWithAutogradLoss
     "default, Newton-Schulz in bf16": "ns_bfloat16",  # Muon orthogonalises in bf16 whatever the CPU
     "default, Newton-Schulz in fp32": "ns_float32",  # Muon orthogonalises in fp32 whatever the CPU
 }
-
-
-class GPTWithAutogradLoss(newgpt.GPT):
-    """The default model with the same loss computed by F.cross_entropy, so autograd writes its backward."""
-
-    def loss(self, logits, targets):
-        loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=newgpt.IGNORE_INDEX,
-                                                     reduction="sum")
-        return loss_sum / (targets != newgpt.IGNORE_INDEX).sum().clamp(min=1)
 
 
 TINY_FLAGS = ["--n_layer", "1", "--n_head", "1", "--n_embd", "32", "--block_size", "32", "--vocab_size", "320"]
@@ -118,10 +107,7 @@ def build(flags, batch_size, code_change):
     args = newgpt.parse_args(flags + ["--batch_size", str(batch_size), "--grad_accum", "1"])
     model_config, cfg, _ = newgpt.configs_from_args(args)
     torch.manual_seed(0)
-    if code_change == "torch_cross_entropy":
-        model = GPTWithAutogradLoss(model_config)
-    else:
-        model = newgpt.GPT(model_config)
+    model = newgpt.GPT(model_config)
     optimizers = newgpt.configure_optimizers(model, cfg, "cpu")
     hidden = optimizers[-1].param_groups[0]["params"]
     if code_change == "torch_muon":

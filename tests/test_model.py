@@ -130,26 +130,8 @@ def test_forward_returns_logits_and_loss_and_all_masked_targets_give_zero():
     logits, masked = model(idx, torch.full_like(idx, newgpt.IGNORE_INDEX))
     assert masked.item() == 0.0, "a micro-batch with no targets must not produce NaN"
     assert masked.requires_grad and not logits.requires_grad, "with a loss, only the loss is differentiated"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_matches_torch_in_loss_and_gradient(dtype):
-    torch.manual_seed(0)
-    logits = (3 * torch.randn(12, 50)).to(dtype)
-    targets = torch.randint(0, 50, (12,))
-    targets[[2, 7]] = newgpt.IGNORE_INDEX
-    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    loss = newgpt.CrossEntropy.apply(ours, targets)
-    expected = torch.nn.functional.cross_entropy(theirs.float(), targets, ignore_index=newgpt.IGNORE_INDEX)
-    (2 * loss).backward()
-    (2 * expected).backward()
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert abs(loss.item() - expected.item()) < 1e-5, "the loss is the mean over the kept targets"
-    assert torch.allclose(ours.grad.float(), theirs.grad.float(), atol=tol), "softmax minus one-hot, scaled"
-    assert ours.grad[[2, 7]].abs().max() == 0, "ignored rows get no gradient"
-    masked = logits.clone().requires_grad_()
-    newgpt.CrossEntropy.apply(masked, torch.full_like(targets, newgpt.IGNORE_INDEX)).backward()
-    assert masked.grad.abs().max() == 0, "all targets ignored: zero gradient, not NaN"
+    masked.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters()), "no targets: zero gradient"
 
 
 @pytest.mark.parametrize("variant, optimizer", [(VARIANTS[0], "adamw"), (VARIANTS[1], "adamw"),
