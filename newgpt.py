@@ -137,7 +137,7 @@ class TrainConfig:
                 "with a final evaluation and checkpoint, when it runs out (0: no budget)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     embedding_lr_scale: float = field(default=5.0, metadata={
-        "help": "the tied embedding's learning rate as a multiple of --lr (python -m bench.training tricks measures it)"})
+        "help": "the tied embedding's learning rate as a multiple of --lr (bench.training tricks measures it)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_steps: int = field(default=20, metadata={"help": "steps of linear learning-rate warmup"})
     decay_fraction: float = field(default=1.0, metadata={
@@ -606,15 +606,15 @@ def load_or_build_data(cfg, model_config, start_from):
                                       holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0],
                                       reading_answers=cfg.reading_answers, k=k)
     texts, how = load_or_build_texts(cfg, teach_reading, {"passages": k} if cfg.knowledge else {})
-    out_dir = Path(cfg.out_dir)
+    out_dir, vocab_size = Path(cfg.out_dir), model_config.vocab_size
     out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
     if start_from is None:
-        tokenizer_path = prepare_tokenizer(texts, model_config.vocab_size, out_dir)
+        tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
     elif cfg.resume and start_from[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
         raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
                         f"use the same --data and --texts to continue it")
     else:
-        tokenizer_path = checkpoint_tokenizer(texts, model_config.vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
+        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
         tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
     tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
     cache_dir = out_dir / "data"

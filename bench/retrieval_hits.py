@@ -1,6 +1,6 @@
 """The retriever alone: how often the passages it returns for a set of questions hold an accepted answer,
-as shipped (reranked by all-MiniLM-L6-v2), without the reranker and with BM25 alone, what they cost in tokens of the context window, how long a
-search takes, and what the index costs to build.
+as shipped (reranked by all-MiniLM-L6-v2), without the reranker and with BM25 alone, what they cost in
+tokens of the context window, how long a search takes, and what the index costs to build.
 
     python -m bench.retrieval_hits ../shared/data/knowledge                       # the bench's 48 questions
     python -m bench.retrieval_hits ../shared/data/knowledge --questions bench/retrieval_questions.jsonl  # 40 more
