@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import newgpt
+import retrieval
 from bench import training
 from conftest import COUNTRIES, REPO, as_reader, knowledge_rows, oasst_rows, write_checkpoint, write_jsonl
 from test_serve import CHROMIUM
@@ -91,7 +92,8 @@ def test_chat_quality(trained_run, knowledge, tmp_path):
     out = run_bench("chat_quality.py", reader, "--max_new_tokens", "4", "--reference", "",
                     "--knowledge", knowledge, "--results", tmp_path / "results.jsonl")
     assert "relevance" in out and (tmp_path / "results.jsonl").is_file()
-    assert " + knowledge (k=5) |" in out, "a checkpoint that reads is also evaluated with retrieval"
+    passages = retrieval.passages_for(newgpt.load_checkpoint(reader)[0].config.block_size)
+    assert f" + knowledge (k={passages}" in out, "a reader is also evaluated with retrieval, the chat's k"
     header = next(line for line in out.splitlines() if "relevance" in line).split(" | ")
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(f"| {reader}")]
     relevance = [float(row[header.index("relevance")]) for row in rows]
