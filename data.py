@@ -1,7 +1,7 @@
 """
 The data plumbing of newgpt.py: every source format becomes one conversation type, and the conversations
-become train_texts.json. A learner can skip this file at first: newgpt.py only calls load_or_build_texts()
-and, for streamed knowledge sources, the shard writer at the end.
+become train_texts.json, then token ids in newgpt.py's chat format. A learner can skip this file at first:
+newgpt.py calls one function, prepare_tokens(), which returns the texts, the tokenizer and the token streams.
 
     formats (OASST message tables and trees, Llama-2 [INST] chat, "### Human:" chat, Dolly instructions,
     plain documents; .jsonl(.gz), .json, .parquet, or a Hugging Face dataset id)
@@ -9,28 +9,34 @@ and, for streamed knowledge sources, the shard writer at the end.
                         "group": str} ("context": passages the next answer reads from)
       -> cleaned, deduplicated, split into train/val by message tree, evaluation prompts held out
       -> train_texts.json, rebuilt only when its sources or options change
+      -> the tokenizer file (trained on them, or a checkpoint's) and a .npz of token ids per source, cached
 
 Also here: streaming a dataset larger than memory into token shards, and mixing weighted sources.
 """
 
 import gzip
 import hashlib
+import functools
 import io
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import socket
+import time
 import unicodedata
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_write, remove_stale_temp_files
+from runtime import UserError, atomic_write, barrier, remove_stale_temp_files
 
 HF_DATASET = "OpenAssistant/oasst2"
 STREAM_SAMPLE_RECORDS = 2000  # records of each streamed source that the tokenizer also trains on
@@ -575,6 +581,183 @@ def load_or_build_texts(cfg, add_passages=None, reading_options=None):
         texts["sha256"] = texts_hash(texts)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8"))
     return texts, "built"
+
+
+# -----------------------------------------------------------------------------
+# Token ids: the tokenizer file and the token caches, each built once and reused by later runs
+
+
+@dataclass
+class ChatFormat:
+    """What newgpt.py defines and these files depend on: the special tokens, how the BPE is trained on
+    texts -> tokenizer, and how (tokenizer, conversations) -> [(ids, mask)] pairs are rendered."""
+    special_tokens: list
+    train_tokenizer: Callable
+    render: Callable
+
+
+@dataclass
+class PreparedData:
+    texts: dict
+    tokenizer: object
+    tokenizer_info: dict  # {"file", "sha256"}: stored in checkpoints, checked by load_checkpoint
+    arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(path))
+    # Text that happens to contain "<|user|>" is encoded as plain characters: only the chat format places
+    # special tokens, so a user can never forge a turn boundary.
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def token_dtype(tokenizer):
+    return np.uint16 if tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
+
+
+def tokenize_to_arrays(render, tokenizer, conversations):
+    """Conversations -> one token stream and its target mask, as numpy arrays."""
+    rendered = render(tokenizer, conversations)
+    ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in rendered), dtype=token_dtype(tokenizer))
+    mask = np.fromiter(itertools.chain.from_iterable(mask for _, mask in rendered), dtype=np.uint8)
+    return ids, mask
+
+
+def cached_token_arrays(chat_format, tokenizer, tokenizer_sha, conversations, texts_sha, split, cache_dir):
+    """Token ids and target mask for one split; a second run loads them from a .npz keyed by content."""
+    path = Path(cache_dir) / f"tokens-{split}-{texts_sha[:12]}-{tokenizer_sha[:12]}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            return cached["ids"], cached["mask"]
+    ids, mask = tokenize_to_arrays(chat_format.render, tokenizer, conversations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_bytes(npz_bytes(ids=ids, mask=mask)))
+    return ids, mask
+
+
+def tokenizer_name(texts, vocab_size):
+    return f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
+
+
+def prepare_tokenizer(chat_format, texts, vocab_size, out_dir):
+    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
+    another run's checkpoints keep their own tokenizer."""
+    path = Path(out_dir) / tokenizer_name(texts, vocab_size)
+    if not path.is_file():
+        chat = [t["content"] for c in texts["train"] for t in c["turns"]]
+        knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
+        # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
+        every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
+        tokenizer = chat_format.train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
+        atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
+    return path
+
+
+def checkpoint_tokenizer(chat_format, texts, vocab_size, out_dir, folder, info):
+    """The tokenizer a checkpoint in `folder` was trained with, in out_dir: copied from beside it or, if it was
+    deleted, trained again from the same texts (BPE training is deterministic) when that gives the same file."""
+    path, beside = out_dir / info["file"], folder / info["file"]
+    if not path.is_file() and beside.is_file():
+        atomic_write(path, lambda tmp: shutil.copyfile(beside, tmp))
+    elif not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
+        prepare_tokenizer(chat_format, texts, vocab_size, out_dir)
+    if not path.is_file() or file_sha256(path) != info["sha256"]:
+        raise UserError(f"{path}, the tokenizer of the checkpoint in {folder}/, is missing or changed; copy it "
+                        f"back from where the checkpoint came from")
+    return path
+
+
+def with_chat_tokens(path, special_tokens):
+    """A tokenizer file that has every chat-format token: an older checkpoint's (--init_from) gains those it
+    lacks as new ids at the end, saved beside it under a new name."""
+    tokenizer = load_tokenizer(path)
+    missing = [t for t in special_tokens if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return path
+    tokenizer.add_special_tokens(missing)
+    grown = path.with_name(f"tokenizer-{tokenizer.get_vocab_size()}-{file_sha256(path)[:10]}.json")
+    atomic_write(grown, lambda tmp: tokenizer.save(str(tmp)))
+    return grown
+
+
+def run_tokenizer(cfg, chat_format, texts, vocab_size, start_from):
+    """The tokenizer file of this run: trained, or that of the checkpoint resumed or fine-tuned from."""
+    out_dir = Path(cfg.out_dir)
+    if start_from is None:
+        return prepare_tokenizer(chat_format, texts, vocab_size, out_dir)
+    if cfg.resume and start_from[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
+        raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
+                        f"use the same --data and --texts to continue it")
+    path = checkpoint_tokenizer(chat_format, texts, vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
+    return with_chat_tokens(path, chat_format.special_tokens) if cfg.init_from and not cfg.resume else path
+
+
+def load_or_build_data(cfg, vocab_size, chat_format, reading, start_from):
+    """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
+    (folder, checkpoint)) and the token caches, each reused when on disk. reading: (add_passages, its
+    options) for load_or_build_texts. Returns (PreparedData, how)."""
+    texts, how = load_or_build_texts(cfg, *reading)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # created only once the data is there
+    tokenizer_path = run_tokenizer(cfg, chat_format, texts, vocab_size, start_from)
+    tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
+    cache_dir = Path(cfg.out_dir) / "data"
+
+    def cached(conversations, split):
+        return cached_token_arrays(chat_format, tokenizer, sha, conversations, texts["sha256"], split, cache_dir)
+
+    arrays = {"val": [("val", *cached(texts["val"], "val"))]}
+    for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
+        arrays[split] = [(source, *cached(group, f"{split}{i}"))
+                         for i, (source, group) in enumerate(by_source(texts[split]).items())]
+    streamed = [spec for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data) if is_streamed(spec)]
+    holdout = read_holdout(cfg.holdout) if streamed else []
+    render = functools.partial(chat_format.render, tokenizer)
+    for spec in streamed:  # one entry per shard, all named after the source (and weighted as it is)
+        arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
+            spec, render, token_dtype(tokenizer), sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
+    return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
+
+
+def prepare_tokens(cfg, vocab_size, chat_format, reading, rank, world_size, log, start_from=None):
+    """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
+    read what it wrote."""
+    started = time.time()
+    log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
+    if rank == 0:
+        data, how = load_or_build_data(cfg, vocab_size, chat_format, reading, start_from)
+    barrier(world_size)
+    if rank > 0:
+        data, how = load_or_build_data(cfg, vocab_size, chat_format, reading, start_from)
+    log_data(data, how, cfg, chat_format, time.time() - started, log)
+    return data
+
+
+def bytes_per_token(data, special_tokens):
+    """UTF-8 bytes per token of the chat texts, special tokens left out (byte-level BPE: the bytes of a
+    content's tokens are its own)."""
+    n_bytes = sum(len(t["content"].encode()) for c in data.texts["train"] for t in c["turns"])
+    special = [data.tokenizer.token_to_id(t) for t in special_tokens]
+    n_tokens = sum(np.count_nonzero(~np.isin(ids, special)) for _, ids, _ in data.arrays["train"])
+    return n_bytes / max(1, n_tokens)
+
+
+def log_data(data, how, cfg, chat_format, seconds, log):
+    texts = data.texts
+    n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
+    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
+    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
+        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
+        f"tokens, {bytes_per_token(data, chat_format.special_tokens):.2f} bytes/token, "
+        f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {seconds:.1f}s")
+    if texts["pretrain"]:
+        log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "
+            f"{len(data.arrays['pretrain'])} sources, {n_tokens['pretrain']:,} tokens")
 
 
 # -----------------------------------------------------------------------------

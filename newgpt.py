@@ -12,17 +12,16 @@ The file reads top to bottom as the pipeline runs:
   configs -> model (attention, MLP, block, GPT) -> tokenizer and chat format -> batches (packed rows)
   -> device, precision, optimizer and schedule -> checkpoints -> the training loop (evaluate -> checkpoint
   -> micro-batches -> clip -> step -> log) -> main()
-Reading the data files into conversations (data.py) and the run's plumbing (runtime.py: atomic files,
-torchrun, Ctrl-C, the progress bar) sit beside it.
+Reading the data files into conversations and token ids, cached on disk (data.py), and the run's plumbing
+(runtime.py: atomic files, torchrun, Ctrl-C, the progress bar) sit beside it.
 
 Design choices (each measured: bench/RESULTS.md): pre-norm blocks; causal self-attention with heads of
 128 dims (F.scaled_dot_product_attention); RoPE; ReLU^2 MLPs; no biases; tied input/output embeddings;
-a cross-entropy whose gradient is written out; the loss on every token for the first pass over the data,
-then on the assistant's only; Muon for the blocks' matrices and AdamW for the rest (the embedding at 5x the
-rate), a short linear warmup then cosine decay, over the steps or over a time budget; one size dial
-(--depth), chosen for the device; bf16 autocast where the hardware has it (fp16 with loss scaling on older
-GPUs) and torch.compile; atomic checkpoints that resume (a step-based run bit-exactly without
-torch.compile), on CPU, CUDA or MPS.
+the loss on every token for the first pass over the data, then on the assistant's only; Muon for the
+blocks' matrices and AdamW for the rest (the embedding at 5x the rate), a short linear warmup then cosine
+decay, over the steps or over a time budget; one size dial (--depth), chosen for the device; bf16
+autocast where the hardware has it (fp16 with loss scaling on older GPUs) and torch.compile; atomic
+checkpoints that resume (a step-based run bit-exactly without torch.compile), on CPU, CUDA or MPS.
 Optional: a knowledge stage before the chat stage, on weighted document and Q/A sources; --knowledge PATH,
 which trains the model to read passages retrieved for each question (retrieval.py); --init_from, a fine-tune.
 engine.py (sampling and generation, under the terminal chat and the server) imports the model and the chat
@@ -32,9 +31,7 @@ format from here, so training and chatting agree.
 import argparse
 import dataclasses
 import functools
-import hashlib
 import math
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -47,14 +44,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (HF_DATASET, HOLDOUT_FILES, MixedRows, by_source, cached_stream_shards, is_streamed,
-                  load_or_build_texts, npz_bytes, read_holdout, split_weight)
+from data import (HF_DATASET, HOLDOUT_FILES, ChatFormat, MixedRows, PreparedData, file_sha256, load_tokenizer,
+                  prepare_tokens, split_weight)
 from retrieval import add_passages, passages_for
 from runtime import (Budget, Progress, RELEASE_DIR, StopRequest, UserError, atomic_write, autocast_context,
-                     barrier, check_out_dir, checkpoint_paths, find_checkpoint, format_minutes, has_fast_bf16,
-                     keep_freed_memory, max_over_ranks, pick_device, pick_dtype, non_negative, plot_metrics, rank_zero_print, read_checkpoint,
-                     remove_stale_temp_files, resume_checkpoint, rng_state, set_rng_state, setup_distributed,
-                     what_is_intact, why_unwritable, write_failure, write_metrics, write_release)
+                     check_out_dir, checkpoint_paths, find_checkpoint, format_minutes, has_fast_bf16,
+                     keep_freed_memory, max_over_ranks, non_negative, pick_device, pick_dtype, plot_metrics,
+                     rank_zero_print, read_checkpoint, remove_stale_temp_files, resume_checkpoint, rng_state,
+                     set_rng_state, setup_distributed, what_is_intact, why_unwritable, write_failure, write_metrics,
+                     write_release)
 
 # -----------------------------------------------------------------------------
 # The chat format: every conversation is rendered with these tokens, in training and in chat.
@@ -409,19 +407,6 @@ def train_tokenizer(texts, vocab_size):
     return tokenizer
 
 
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(str(path))
-    # Text that happens to contain "<|user|>" is encoded as plain characters: only render_conversations
-    # places special tokens, so a user can never forge a turn boundary.
-    tokenizer.encode_special_tokens = True
-    return tokenizer
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 TARGET, PROMPT, PASSAGE = 1, 0, 2  # the mask's values: PROMPT tokens are targets only under --loss_on all
 
 
@@ -450,6 +435,10 @@ def render_conversations(tokenizer, conversations):
     return rendered
 
 
+# What data.py needs to build a run's tokenizer and token caches in this format.
+CHAT_FORMAT = ChatFormat(SPECIAL_TOKENS, train_tokenizer, render_conversations)
+
+
 def byte_level_chars():
     """GPT-2's byte-level alphabet: the printable character that stands for each byte inside a token."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -476,30 +465,6 @@ def token_byte_lengths(tokenizer):
 
 # -----------------------------------------------------------------------------
 # Batches: each split is one token stream, cut into rows of block_size + 1, cached on disk.
-
-
-def tokenize_to_arrays(tokenizer, conversations):
-    ids, mask = [], []
-    for conv_ids, conv_mask in render_conversations(tokenizer, conversations):
-        ids += conv_ids
-        mask += conv_mask
-    return np.array(ids, dtype=token_dtype(tokenizer)), np.array(mask, dtype=np.uint8)
-
-
-def token_dtype(tokenizer):
-    return np.uint16 if tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
-
-
-def cached_token_arrays(tokenizer, tokenizer_sha, conversations, texts_sha, split, cache_dir):
-    """Token ids and target mask for one split; a second run loads them from a .npz keyed by content."""
-    path = Path(cache_dir) / f"tokens-{split}-{texts_sha[:12]}-{tokenizer_sha[:12]}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            return cached["ids"], cached["mask"]
-    ids, mask = tokenize_to_arrays(tokenizer, conversations)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_bytes(npz_bytes(ids=ids, mask=mask)))
-    return ids, mask
 
 
 class PackedRows:
@@ -545,115 +510,16 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
     return rows
 
 
-def tokenizer_name(texts, vocab_size):
-    return f"tokenizer-{vocab_size}-{texts['sha256'][:10]}.json"
-
-
-def prepare_tokenizer(texts, vocab_size, out_dir):
-    """Train the BPE on training texts only, saved in out_dir under a name keyed by data and size, so
-    another run's checkpoints keep their own tokenizer."""
-    path = Path(out_dir) / tokenizer_name(texts, vocab_size)
-    if not path.is_file():
-        chat = [t["content"] for c in texts["train"] for t in c["turns"]]
-        knowledge = [t["content"] for c in texts["pretrain"] + texts.get("stream_sample", []) for t in c["turns"]]
-        # Every k-th knowledge text, about as many characters as the chat's: one vocabulary for both stages.
-        every = math.ceil(sum(map(len, knowledge)) / max(1, sum(map(len, chat))))
-        tokenizer = train_tokenizer(chat + knowledge[::max(1, every)], vocab_size)
-        atomic_write(path, lambda tmp: tokenizer.save(str(tmp)))
-    return path
-
-
-def checkpoint_tokenizer(texts, vocab_size, out_dir, folder, info):
-    """The tokenizer a checkpoint in `folder` was trained with, in out_dir: copied from beside it or, if it was
-    deleted, trained again from the same texts (BPE training is deterministic) when that gives the same file."""
-    path, beside = out_dir / info["file"], folder / info["file"]
-    if not path.is_file() and beside.is_file():
-        atomic_write(path, lambda tmp: shutil.copyfile(beside, tmp))
-    elif not path.is_file() and path.name == tokenizer_name(texts, vocab_size):
-        prepare_tokenizer(texts, vocab_size, out_dir)
-    if not path.is_file() or file_sha256(path) != info["sha256"]:
-        raise UserError(f"{path}, the tokenizer of the checkpoint in {folder}/, is missing or changed; copy it "
-                        f"back from where the checkpoint came from")
-    return path
-
-
-def with_chat_tokens(path):
-    """A tokenizer file that has every chat-format token: an older checkpoint's (--init_from) gains those it
-    lacks as new ids at the end, saved beside it under a new name."""
-    tokenizer = load_tokenizer(path)
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-    if not missing:
-        return path
-    tokenizer.add_special_tokens(missing)
-    grown = path.with_name(f"tokenizer-{tokenizer.get_vocab_size()}-{file_sha256(path)[:10]}.json")
-    atomic_write(grown, lambda tmp: tokenizer.save(str(tmp)))
-    return grown
-
-
-@dataclass
-class PreparedData:
-    texts: dict
-    tokenizer: object
-    tokenizer_info: dict  # {"file", "sha256"}: stored in checkpoints, checked by load_checkpoint
-    arrays: dict  # split -> [(source, token ids, target mask)], one entry per source (or streamed shard)
-
-
-def load_or_build_data(cfg, model_config, start_from):
-    """train_texts.json, the tokenizer (trained, or that of the checkpoint resumed or fine-tuned, given as
-    (folder, checkpoint)) and the token caches, each reused when on disk. Returns (PreparedData, how)."""
-    k = passages_for(model_config.block_size)  # as many passages as the chat will show in this window
+def prepare_data(cfg, model_config, rank, world_size, log, start_from=None):
+    """The texts, the tokenizer and the token ids (data.py builds each once and reuses it), with the reading
+    questions' passages as many as the chat will show in this window."""
+    k = passages_for(model_config.block_size)
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
                                       holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0],
                                       reading_answers=cfg.reading_answers, k=k)
-    texts, how = load_or_build_texts(cfg, teach_reading, {"passages": k} if cfg.knowledge else {})
-    out_dir, vocab_size = Path(cfg.out_dir), model_config.vocab_size
-    out_dir.mkdir(parents=True, exist_ok=True)  # created only once the data is there
-    if start_from is None:
-        tokenizer_path = prepare_tokenizer(texts, vocab_size, out_dir)
-    elif cfg.resume and start_from[1]["texts_sha256"] != texts["sha256"]:  # before its tokenizer meets them
-        raise UserError(f"--resume: {cfg.resume} was trained on other data than {cfg.texts}; "
-                        f"use the same --data and --texts to continue it")
-    else:
-        tokenizer_path = checkpoint_tokenizer(texts, vocab_size, out_dir, start_from[0], start_from[1]["tokenizer"])
-        tokenizer_path = with_chat_tokens(tokenizer_path) if cfg.init_from and not cfg.resume else tokenizer_path
-    tokenizer, sha = load_tokenizer(tokenizer_path), file_sha256(tokenizer_path)
-    cache_dir = out_dir / "data"
-    arrays = {"val": [("val", *cached_token_arrays(tokenizer, sha, texts["val"], texts["sha256"], "val", cache_dir))]}
-    for split in ("train", "pretrain"):  # one token stream per source, so that each can have its weight
-        arrays[split] = [(source, *cached_token_arrays(tokenizer, sha, group, texts["sha256"], f"{split}{i}", cache_dir))
-                         for i, (source, group) in enumerate(by_source(texts[split]).items())]
-    streamed = [spec for spec in (split_weight(spec)[0] for spec in cfg.pretrain_data) if is_streamed(spec)]
-    holdout = read_holdout(cfg.holdout) if streamed else []
-    render = functools.partial(render_conversations, tokenizer)
-    for spec in streamed:  # one entry per shard, all named after the source (and weighted as it is)
-        arrays["pretrain"] += [(spec, ids, mask) for ids, mask in cached_stream_shards(
-            spec, render, token_dtype(tokenizer), sha, holdout, texts["val"], cfg.stream_tokens, cache_dir)]
-    return PreparedData(texts, tokenizer, {"file": tokenizer_path.name, "sha256": sha}, arrays), how
+    reading = (teach_reading, {"passages": k} if cfg.knowledge else {})
+    return prepare_tokens(cfg, model_config.vocab_size, CHAT_FORMAT, reading, rank, world_size, log, start_from)
 
-
-def prepare_data(cfg, model_config, rank, world_size, log, start_from=None):
-    """Rank 0 builds (or finds) the texts, the tokenizer and the token caches first; then the other ranks
-    read what it wrote."""
-    started = time.time()
-    log(f"data: preparing conversations, tokenizer and token ids in {cfg.out_dir}/ (reused on later runs)")
-    if rank == 0:
-        data, how = load_or_build_data(cfg, model_config, start_from)
-    barrier(world_size)
-    if rank > 0:
-        data, how = load_or_build_data(cfg, model_config, start_from)
-    texts = data.texts
-    n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
-    train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
-    train_bytes = token_byte_lengths(data.tokenizer)[train_ids]
-    n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
-    log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
-        f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
-        f"tokens, {train_bytes.sum() / max(1, (train_bytes > 0).sum()):.2f} bytes/token, "
-        f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {time.time() - started:.1f}s")
-    if texts["pretrain"]:
-        log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "
-            f"{len(data.arrays['pretrain'])} sources, {n_tokens['pretrain']:,} tokens")
-    return data
 
 
 def mixed_rows(arrays, specs, block_size, loss_on, seed):

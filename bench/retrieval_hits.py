@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import newgpt
 import retrieval
 from bench.chat_quality import holds_an_answer
-from data import HOLDOUT_FILES
+from data import HOLDOUT_FILES, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +93,7 @@ def main():
                         help="the retriever as shipped, without its reranker, and its first stage alone")
     args = parser.parse_args()
     questions = [json.loads(line) for line in Path(args.questions).read_text().splitlines() if line.strip()]
-    tokenizer = newgpt.load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     prompts = [{"question": json.loads(line)["prompt"], "answers": []}
                for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     # The questions' own Q/A pairs stay out of the index, as the bench's do for the chat.

@@ -12,13 +12,13 @@ import argparse
 import time
 from pathlib import Path
 
-from data import read_texts_file
+from data import read_texts_file, tokenize_to_arrays
 import newgpt
 
 
 def bytes_per_token(tokenizer, conversations):
     lengths = newgpt.token_byte_lengths(tokenizer)
-    ids, _ = newgpt.tokenize_to_arrays(tokenizer, conversations)
+    ids, _ = tokenize_to_arrays(newgpt.render_conversations, tokenizer, conversations)
     token_bytes = lengths[ids]
     return token_bytes.sum() / (token_bytes > 0).sum()
 

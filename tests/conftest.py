@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import PreparedData, file_sha256
 import newgpt
 import runtime
 
@@ -152,11 +153,11 @@ def write_checkpoint(model, tokenizer, directory, step=7, last_eval=None, reads_
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tok.json"))
-    tokenizer_info = {"file": "tok.json", "sha256": newgpt.file_sha256(directory / "tok.json")}
-    data = newgpt.PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
+    tokenizer_info = {"file": "tok.json", "sha256": file_sha256(directory / "tok.json")}
+    prepared = PreparedData(texts={"sha256": "abc"}, tokenizer=tokenizer, arrays={}, tokenizer_info=tokenizer_info)
     optimizers = newgpt.configure_optimizers(model, newgpt.TrainConfig(), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = newgpt.checkpoint_state(model, optimizers, scaler, newgpt.TrainConfig(), data, step, elapsed_s=60.0,
+    state = newgpt.checkpoint_state(model, optimizers, scaler, newgpt.TrainConfig(), prepared, step, elapsed_s=60.0,
                                     reads_passages=reads_passages,
                                     **(last_eval or {"val_loss": 1.5, "val_bpb": 0.5}))
     return newgpt.save_checkpoint(state, directory, keep_last=3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import make_conversation
+from data import make_conversation, tokenize_to_arrays
 from runtime import Progress, UserError
 import newgpt
 
@@ -297,7 +297,7 @@ class UniformModel(torch.nn.Module):
 def test_bits_per_byte_matches_a_hand_computation(tokenizer):
     text = "five plus four is 9. Grüße 🙂"
     conversation = make_conversation([("user", "hi"), ("assistant", text)], "g")
-    ids, mask = newgpt.tokenize_to_arrays(tokenizer, [conversation])
+    ids, mask = tokenize_to_arrays(newgpt.render_conversations, tokenizer, [conversation])
     val_rows = newgpt.PackedRows(ids, mask, block_size=16, loss_on="assistant", pad_id=0)
     byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
     V = tokenizer.get_vocab_size()
@@ -396,7 +396,7 @@ def test_evaluation_in_chunks_gives_the_same_numbers_as_one_batch(tokenizer):
     model = newgpt.GPT(tiny_config(vocab_size=tokenizer.get_vocab_size()))
     turns = [[("user", f"what is {i} plus {i}?"), ("assistant", f"{2 * i}, Grüße")] for i in range(12)]
     conversations = [make_conversation(exchange, str(i)) for i, exchange in enumerate(turns)]
-    ids, mask = newgpt.tokenize_to_arrays(tokenizer, conversations)
+    ids, mask = tokenize_to_arrays(newgpt.render_conversations, tokenizer, conversations)
     val_rows = newgpt.PackedRows(ids, mask, block_size=32, loss_on="assistant", pad_id=0)
     byte_lengths = torch.from_numpy(newgpt.token_byte_lengths(tokenizer))
     results = [newgpt.evaluate(model, val_rows, byte_lengths, newgpt.TrainConfig(batch_size=b, eval_tokens=10_000),
