@@ -89,6 +89,9 @@ def main():
     parser.add_argument("--prompts", default=str(REPO / "bench" / "chat_prompts.jsonl"),
                         help="everyday prompts, timed too (their messages are longer than the questions)")
     parser.add_argument("--embed", type=int, default=0, help="time the dense embedder on this many passages")
+    parser.add_argument("--rerank", nargs="+", default=[f"{retrieval.RERANK_POOL}x{retrieval.RERANK_TOKENS}"],
+                        metavar="POOLxTOKENS", help="the reranked stage's settings: how many of the first stage's "
+                        "passages it reorders, and how many tokens of each it reads (8x32 6x32 8x24)")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES),
                         help="the retriever as shipped, without its reranker, and its first stage alone")
     args = parser.parse_args()
@@ -111,13 +114,19 @@ def main():
             build_s = time.perf_counter() - started
             megabytes = index.path.stat().st_size / 2 ** 20
             reranker = retrieval.load_reranker(log=None) if "reranked" in args.stages else None
-            for stage, common, max_words, k in itertools.product(args.stages, args.common, args.max_words, args.ks):
+            stages = [(stage, setting) for stage in args.stages
+                      for setting in (args.rerank if stage == "reranked" else [None])]
+            for (stage, setting), common, max_words, k in itertools.product(stages, args.common, args.max_words,
+                                                                            args.ks):
                 # Its own word counts, so each variant's search times its first look at them.
                 variant = retrieval.KnowledgeIndex(index.path, common, max_words,
                                                    reranker if stage == "reranked" else None)
+                if setting:
+                    retrieval.RERANK_POOL, retrieval.RERANK_TOKENS = map(int, setting.split("x"))
                 m = measure(variant, questions, k, tokenizer, stage)
                 p = measure(variant, prompts, k, tokenizer, stage)
-                print(f"| {stage} | {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {common} | "
+                label = f"{stage} {setting}" if setting and len(args.rerank) > 1 else stage
+                print(f"| {label} | {size} | {index.n_passages:,} | {build_s:.0f} | {megabytes:.0f} | {common} | "
                       f"{max_words} | {k} | {m['hits']}/{len(questions)} | {m['repeated']} | "
                       f"{m['tokens_median']:.0f} / {m['tokens_max']} | "
                       f"{m['search_ms_median']:.1f} / {m['search_ms_p95']:.1f} | "
