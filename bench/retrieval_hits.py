@@ -113,16 +113,14 @@ def main():
             index = retrieval.open_index(args.knowledge, holdout, passage_chars=size, log=None)
             build_s = time.perf_counter() - started
             megabytes = index.path.stat().st_size / 2 ** 20
-            reranker = retrieval.load_reranker(log=None) if "reranked" in args.stages else None
             stages = [(stage, setting) for stage in args.stages
                       for setting in (args.rerank if stage == "reranked" else [None])]
             for (stage, setting), common, max_words, k in itertools.product(stages, args.common, args.max_words,
                                                                             args.ks):
                 # Its own word counts, so each variant's search times its first look at them.
-                variant = retrieval.KnowledgeIndex(index.path, common, max_words,
-                                                   reranker if stage == "reranked" else None)
-                if setting:
-                    retrieval.RERANK_POOL, retrieval.RERANK_TOKENS = map(int, setting.split("x"))
+                pool, tokens = map(int, setting.split("x")) if setting else (0, 0)
+                reranker = retrieval.load_reranker(None, pool=pool, tokens=tokens) if setting else None
+                variant = retrieval.KnowledgeIndex(index.path, common, max_words, reranker)
                 m = measure(variant, questions, k, tokenizer, stage)
                 p = measure(variant, prompts, k, tokenizer, stage)
                 label = f"{stage} {setting}" if setting and len(args.rerank) > 1 else stage

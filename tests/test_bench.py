@@ -106,10 +106,12 @@ def test_retrieval(trained_run, knowledge, tmp_path):
              for country, capital in COUNTRIES.items()]
     questions = write_jsonl(tmp_path / "questions.jsonl", asked)
     out = run_bench("retrieval_hits.py", knowledge, "--sizes", "100", "250", "--ks", "1", "2", "--tokenizer", tokenizer,
-                    "--questions", questions)
+                    "--questions", questions, "--rerank", "8x32", "2x16")
     rows = [line[2:].split(" | ") for line in out.splitlines() if line.startswith("| two stages |")]
     assert [(r[1], r[7]) for r in rows] == [("100", "1"), ("100", "2"), ("250", "1"), ("250", "2")], out
     assert all(r[8] == f"{len(COUNTRIES)}/{len(COUNTRIES)}" and r[9] == "0" for r in rows), out  # found, shown once
+    reranked = [line[2:].split(" | ")[0] for line in out.splitlines() if line.startswith("| reranked")]
+    assert sorted(set(reranked)) == ["reranked 2x16", "reranked 8x32"] and len(reranked) == 8, out
 
 
 def test_peer(tmp_path):
