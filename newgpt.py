@@ -511,15 +511,14 @@ def training_rows(step, micro, cfg, rank, world_size, n_rows):
 
 
 def prepare_data(cfg, model_config, rank, world_size, log, start_from=None):
-    """The texts, the tokenizer and the token ids (data.py builds each once and reuses it), with the reading
-    questions' passages as many as the chat will show in this window."""
+    """The texts, the tokenizer and the token ids (data.py builds each once and reuses it); each reading
+    question gets as many passages as the chat will show in this window."""
     k = passages_for(model_config.block_size)
     teach_reading = functools.partial(add_passages, knowledge=split_weight(cfg.knowledge)[0],
                                       holdout_files=cfg.holdout, seed=cfg.seed, teacher=split_weight(cfg.teacher)[0],
                                       reading_answers=cfg.reading_answers, k=k)
     reading = (teach_reading, {"passages": k} if cfg.knowledge else {})
     return prepare_tokens(cfg, model_config.vocab_size, CHAT_FORMAT, reading, rank, world_size, log, start_from)
-
 
 
 def mixed_rows(arrays, specs, block_size, loss_on, seed):
