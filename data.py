@@ -590,10 +590,12 @@ def load_or_build_texts(cfg, add_passages=None, reading_options=None):
 @dataclass
 class ChatFormat:
     """What newgpt.py defines and these files depend on: the special tokens, how the BPE is trained on
-    texts -> tokenizer, and how (tokenizer, conversations) -> [(ids, mask)] pairs are rendered."""
+    texts -> tokenizer, how (tokenizer, conversations) -> [(ids, mask)] pairs are rendered, and the bytes
+    behind each token id (tokenizer -> array), for the log's bytes per token."""
     special_tokens: list
     train_tokenizer: Callable
     render: Callable
+    byte_lengths: Callable
 
 
 @dataclass
@@ -738,22 +740,15 @@ def prepare_tokens(cfg, vocab_size, chat_format, reading, rank, world_size, log,
     return data
 
 
-def bytes_per_token(data, special_tokens):
-    """UTF-8 bytes per token of the chat texts, special tokens left out (byte-level BPE: the bytes of a
-    content's tokens are its own)."""
-    n_bytes = sum(len(t["content"].encode()) for c in data.texts["train"] for t in c["turns"])
-    special = [data.tokenizer.token_to_id(t) for t in special_tokens]
-    n_tokens = sum(np.count_nonzero(~np.isin(ids, special)) for _, ids, _ in data.arrays["train"])
-    return n_bytes / max(1, n_tokens)
-
-
 def log_data(data, how, cfg, chat_format, seconds, log):
     texts = data.texts
     n_tokens = {split: sum(len(ids) for _, ids, _ in data.arrays[split]) for split in data.arrays}
+    train_ids = np.concatenate([ids for _, ids, _ in data.arrays["train"]])
+    train_bytes = chat_format.byte_lengths(data.tokenizer)[train_ids]  # 0 for special tokens
     n_messages = {split: sum(len(c["turns"]) for c in texts[split]) for split in ("train", "val")}
     log(f"data: {how} {cfg.texts}: {len(texts['train']):,} / {len(texts['val']):,} train / val conversations, "
         f"{n_messages['train']:,} / {n_messages['val']:,} messages, {n_tokens['train']:,} / {n_tokens['val']:,} "
-        f"tokens, {bytes_per_token(data, chat_format.special_tokens):.2f} bytes/token, "
+        f"tokens, {train_bytes.sum() / max(1, (train_bytes > 0).sum()):.2f} bytes/token, "
         f"{texts.get('held_out', 0):,} dropped as evaluation prompts (--holdout), {seconds:.1f}s")
     if texts["pretrain"]:
         log(f"data: knowledge stage: {len(texts['pretrain']):,} documents and Q/A pairs from "

@@ -435,10 +435,6 @@ def render_conversations(tokenizer, conversations):
     return rendered
 
 
-# What data.py needs to build a run's tokenizer and token caches in this format.
-CHAT_FORMAT = ChatFormat(SPECIAL_TOKENS, train_tokenizer, render_conversations)
-
-
 def byte_level_chars():
     """GPT-2's byte-level alphabet: the printable character that stands for each byte inside a token."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -461,6 +457,10 @@ def token_bytes(tokenizer):
 def token_byte_lengths(tokenizer):
     """Bytes per token id (0 for special tokens), for tokenizer-independent bits per byte."""
     return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
+
+
+# What data.py needs to build a run's tokenizer and token caches in this format.
+CHAT_FORMAT = ChatFormat(SPECIAL_TOKENS, train_tokenizer, render_conversations, token_byte_lengths)
 
 
 # -----------------------------------------------------------------------------

